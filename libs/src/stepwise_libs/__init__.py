@@ -1,0 +1,1 @@
+"""Contracts shared by every Stepwise service: wire types, subjects and JetStream helpers."""

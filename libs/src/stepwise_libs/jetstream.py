@@ -1,0 +1,329 @@
+"""Connection, topology and the append / read / tail helpers on JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext, api
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
+
+from . import subjects
+from .commands import Command, encode_command
+from .events import Event, Payload, decode_event, encode_event, new_event
+
+logger = logging.getLogger(__name__)
+
+# JetStream error code returned when Nats-Expected-Last-Subject-Sequence does not match.
+WRONG_LAST_SEQUENCE = 10071
+
+CONTROL_TTL_SECONDS = 300.0
+LEASE_TTL_SECONDS = 10.0
+COMMAND_DUPLICATE_WINDOW_SECONDS = 600.0
+EVENT_DUPLICATE_WINDOW_SECONDS = 120.0
+
+
+class AppendConflictError(RuntimeError):
+    """Raised when an append keeps losing the race for a session's next `seq`."""
+
+    def __init__(self, session_id: str, attempts: int) -> None:
+        super().__init__(
+            f"could not append to session {session_id} after {attempts} attempts: "
+            "other writers kept moving its last sequence"
+        )
+        self.session_id = session_id
+        self.attempts = attempts
+
+
+async def connect(url: str, name: str) -> NATS:
+    """Connect to NATS, reconnecting for ever after the first connection succeeds."""
+
+    async def on_error(error: Exception) -> None:
+        logger.warning("nats connection error: %s", error, extra={"client": name})
+
+    async def on_disconnected() -> None:
+        logger.warning("nats disconnected", extra={"client": name})
+
+    async def on_reconnected() -> None:
+        logger.info("nats reconnected", extra={"client": name})
+
+    return await nats.connect(
+        servers=[url],
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        allow_reconnect=True,
+        error_cb=on_error,
+        disconnected_cb=on_disconnected,
+        reconnected_cb=on_reconnected,
+    )
+
+
+async def ensure_topology(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create the streams, KV buckets and object store, or bring their config up to date.
+
+    Safe to call from every service at start-up, any number of times.
+    """
+    events = api.StreamConfig(
+        name=subjects.EVENTS_STREAM,
+        subjects=[f"{subjects.EVENTS_PREFIX}.*"],
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=EVENT_DUPLICATE_WINDOW_SECONDS,
+        allow_direct=True,
+        deny_delete=True,
+    )
+    commands = api.StreamConfig(
+        name=subjects.COMMANDS_STREAM,
+        subjects=[f"{subjects.PLANNER_COMMANDS}.*", f"{subjects.EXECUTOR_COMMANDS}.*"],
+        retention=api.RetentionPolicy.WORK_QUEUE,
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=COMMAND_DUPLICATE_WINDOW_SECONDS,
+    )
+    for config in (events, commands):
+        await _ensure_stream(js, config)
+
+    for bucket, ttl in (
+        (subjects.CONTROL_BUCKET, CONTROL_TTL_SECONDS),
+        (subjects.LEASES_BUCKET, LEASE_TTL_SECONDS),
+    ):
+        try:
+            await js.key_value(bucket)
+        except BucketNotFoundError:
+            await js.create_key_value(
+                api.KeyValueConfig(bucket=bucket, ttl=ttl, history=1, replicas=replicas)
+            )
+    try:
+        await js.object_store(subjects.SCREENSHOTS_BUCKET)
+    except BucketNotFoundError:
+        await js.create_object_store(
+            subjects.SCREENSHOTS_BUCKET,
+            config=api.ObjectStoreConfig(storage=api.StorageType.FILE, replicas=replicas),
+        )
+
+
+async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
+    try:
+        await js.stream_info(config.name)
+    except NotFoundError:
+        await js.add_stream(config)
+        logger.info("created stream %s", config.name)
+        return
+    await js.update_stream(config)
+
+
+async def publish_command(js: JetStreamContext, subject: str, command: Command) -> api.PubAck:
+    """Store a command on the commands stream, deduplicated by its `command_id`."""
+    return await js.publish(
+        subject,
+        encode_command(command),
+        headers={"Nats-Msg-Id": command.command_id},
+        timeout=5,
+    )
+
+
+@dataclass
+class _Tail:
+    position: int
+    seq: int
+
+
+class EventStore:
+    """Appends to and reads from the per-session subjects of the events stream.
+
+    An append sends `Nats-Expected-Last-Subject-Sequence`, so two writers on one
+    session cannot both take the same `seq`; the loser re-reads the tail and retries.
+    """
+
+    def __init__(self, js: JetStreamContext, max_attempts: int = 50) -> None:
+        self._js = js
+        self._max_attempts = max_attempts
+        self._tails: dict[str, _Tail] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def last(self, session_id: str) -> tuple[int, int]:
+        """Return (stream position, seq) of the session's last event, or (0, 0) if it has none."""
+        try:
+            message = await self._js.get_msg(
+                subjects.EVENTS_STREAM,
+                subject=subjects.session_events_subject(session_id),
+                direct=True,
+            )
+        except NotFoundError:
+            return 0, 0
+        return message.seq or 0, _seq_of(message)
+
+    async def append(
+        self,
+        session_id: str,
+        payload: Payload,
+        command_id: str | None = None,
+        event_id: str | None = None,
+    ) -> Event:
+        """Append one event to a session and return it with its `seq` and `position`."""
+        lock = self._locks.setdefault(session_id, asyncio.Lock())
+        async with lock:
+            event = new_event(session_id, 0, payload, command_id=command_id, event_id=event_id)
+            subject = subjects.session_events_subject(session_id)
+            for attempt in range(1, self._max_attempts + 1):
+                tail = self._tails.get(session_id)
+                if tail is None:
+                    position, seq = await self.last(session_id)
+                    tail = self._tails[session_id] = _Tail(position, seq)
+                event.seq = tail.seq + 1
+                try:
+                    ack = await self._js.publish(
+                        subject,
+                        encode_event(event),
+                        headers={
+                            "Nats-Msg-Id": event.id,
+                            "Nats-Expected-Last-Subject-Sequence": str(tail.position),
+                            subjects.SEQ_HEADER: str(event.seq),
+                        },
+                        timeout=5,
+                    )
+                except APIError as error:
+                    if error.err_code != WRONG_LAST_SEQUENCE:
+                        raise
+                    logger.debug(
+                        "append conflict, re-reading tail",
+                        extra={"session_id": session_id, "attempt": attempt},
+                    )
+                    self._tails.pop(session_id, None)
+                    # A jittered pause keeps a writer with a warm cache from winning every race.
+                    await asyncio.sleep(random.uniform(0, 0.002 * attempt))
+                    continue
+                except NatsTimeoutError:
+                    # The message may be stored: the retry carries the same Nats-Msg-Id,
+                    # so the server answers it as a duplicate instead of storing it twice.
+                    logger.warning(
+                        "append timed out, retrying",
+                        extra={"session_id": session_id, "attempt": attempt},
+                    )
+                    if attempt == self._max_attempts:
+                        raise
+                    continue
+                if ack.duplicate:
+                    stored = await self._js.get_msg(subjects.EVENTS_STREAM, seq=ack.seq, direct=True)
+                    event = decode_event(stored.data or b"", ack.seq)
+                    self._tails[session_id] = _Tail(ack.seq, event.seq)
+                    return event
+                self._tails[session_id] = _Tail(ack.seq, event.seq)
+                event.position = ack.seq
+                return event
+            raise AppendConflictError(session_id, self._max_attempts)
+
+    def forget(self, session_id: str) -> None:
+        """Drop cached state about a session that this process no longer writes to."""
+        self._tails.pop(session_id, None)
+        self._locks.pop(session_id, None)
+
+    async def position_after(self, session_id: str, since: int) -> int | None:
+        """Return the stream position of the first event with `seq > since`, or None if none yet.
+
+        A binary search over stream positions with direct gets, so the cost grows
+        with the log of the stream's size and not with `since`.
+        """
+        subject = subjects.session_events_subject(session_id)
+        last_position, last_seq = await self.last(session_id)
+        if last_seq <= since:
+            return None
+        first = await self._next_on_subject(subject, 1)
+        assert first is not None
+        first_position, first_seq = first
+        if since < first_seq:
+            return first_position
+        # When the session's messages are contiguous in the stream, the guess is exact.
+        guess = await self._next_on_subject(subject, first_position + (since + 1 - first_seq))
+        if guess is not None and guess[1] == since + 1:
+            return guess[0]
+        best, low, high = last_position, first_position, last_position
+        while low <= high:
+            middle = (low + high) // 2
+            found = await self._next_on_subject(subject, middle)
+            assert found is not None  # last_position >= middle holds a message of this subject
+            position, seq = found
+            if seq > since:
+                # No message of this subject lies in [middle, position), so the answer is
+                # `position` or lies below `middle`.
+                best = min(best, position)
+                high = middle - 1
+            else:
+                low = position + 1
+        return best
+
+    async def _next_on_subject(self, subject: str, start: int) -> tuple[int, int] | None:
+        try:
+            message = await self._js.get_msg(
+                subjects.EVENTS_STREAM, seq=max(start, 1), subject=subject, next=True, direct=True
+            )
+        except NotFoundError:
+            return None
+        return message.seq or 0, _seq_of(message)
+
+    async def read(self, session_id: str, since: int = 0, limit: int | None = None) -> list[Event]:
+        """Return the stored events of a session after `since`, at most `limit` of them."""
+        _, last_seq = await self.last(session_id)
+        if last_seq <= since or limit == 0:
+            return []
+        wanted = last_seq - since if limit is None else min(limit, last_seq - since)
+        events: list[Event] = []
+        async for event in self.tail(session_id, since):
+            events.append(event)
+            if len(events) >= wanted:
+                break
+        return events
+
+    async def tail(self, session_id: str, since: int = 0) -> AsyncIterator[Event]:
+        """Yield every event of a session after `since`, in order and once each, then live ones.
+
+        Runs until the caller stops iterating.
+        """
+        subject = subjects.session_events_subject(session_id)
+        position = await self.position_after(session_id, since)
+        if position is None:
+            last_position, _ = await self.last(session_id)
+            if last_position == 0:
+                info = await self._js.stream_info(subjects.EVENTS_STREAM)
+                last_position = info.state.last_seq
+            position = last_position + 1
+        subscription = await self._js.subscribe(
+            subject,
+            stream=subjects.EVENTS_STREAM,
+            ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            config=api.ConsumerConfig(opt_start_seq=position),
+            idle_heartbeat=5.0,
+        )
+        last_seen = since
+        try:
+            while True:
+                message = await subscription.next_msg(timeout=None)
+                metadata = message.metadata
+                event = decode_event(message.data, metadata.sequence.stream)
+                if event.seq <= last_seen:
+                    continue
+                last_seen = event.seq
+                yield event
+        finally:
+            try:
+                await subscription.unsubscribe()
+            except Exception:  # the connection may already be closed
+                logger.debug("unsubscribe failed", exc_info=True)
+
+
+def _seq_of(message: api.RawStreamMsg) -> int:
+    headers = message.headers or {}
+    value = headers.get(subjects.SEQ_HEADER)
+    if value is not None:
+        return int(value)
+    return decode_event(message.data or b"").seq
