@@ -50,3 +50,6 @@ def artifacts_dir() -> Path:
     path = Path(__file__).resolve().parent.parent / "test-artifacts"
     path.mkdir(exist_ok=True)
     return path
+
+# The fake Gemini server (`fake_gemini` fixture) for tests of the model paths.
+pytest_plugins = ["fakes.fixtures"]
