@@ -1,0 +1,49 @@
+"""The FastAPI application: routers, error handlers and the connections' lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from .errors import install_error_handlers
+from .routes import controls, health, screenshots, sessions, stream
+from .runtime import Runtime
+from .settings import GatewaySettings
+
+DESCRIPTION = """
+Stepwise turns a plain-language test case into a plan of steps and runs them in a
+real headless Chromium. This API creates sessions, queues controls, reads the
+read models and streams each session's events.
+
+Every 4xx and 5xx body is `{"error": {"code", "message", "field"}}`.
+
+**WebSocket** `/api/sessions/{session_id}/ws?since=N` sends every event with seq
+greater than N as its JSON envelope, then live ones. Send control commands on the
+same socket, like `{"command": "pause_execution"}`; the reply is
+`{"type": "pause_queued", "task_id": ...}` or `{"type": "command_rejected", "reason": ...}`.
+Close codes: 4404 unknown session, 4422 invalid `since`, 4008 the client fell too
+far behind (reconnect with `since` set to the last seq received), 1013 NATS
+unavailable.
+"""
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    """Build the gateway app; connections open in its lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = Runtime(settings)
+        app.state.runtime = runtime
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(title="Stepwise gateway", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    install_error_handlers(app)
+    for module in (health, sessions, controls, stream, screenshots):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,162 @@
+"""Errors the gateway turns into JSON responses: `{"error": {"code", "message", "field"}}`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway answers with a JSON body."""
+
+    status_code = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, field: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "field": self.field}}
+
+
+class InvalidInput(GatewayError):
+    status_code = 422
+    code = "invalid_input"
+
+
+class SessionNotFound(GatewayError):
+    status_code = 404
+    code = "session_not_found"
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"no session with id {session_id!r}; create one with POST /api/sessions",
+            field="session_id",
+        )
+        self.session_id = session_id
+
+
+class NotFound(GatewayError):
+    status_code = 404
+    code = "not_found"
+
+
+class CommandConflict(GatewayError):
+    """A control sent in a session state where it cannot run; answered with 409."""
+
+    status_code = 409
+    code = "invalid_state"
+
+    def __init__(
+        self, command_type: str, reason: str, code: str = "invalid_state", status: str | None = None
+    ) -> None:
+        super().__init__(reason, code=code)
+        self.command_type = command_type
+        self.status = status
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        body["error"]["command_type"] = self.command_type
+        body["error"]["status"] = self.status
+        return body
+
+
+class ServiceUnavailable(GatewayError):
+    status_code = 503
+    code = "service_unavailable"
+
+
+class NatsUnavailable(ServiceUnavailable):
+    code = "nats_unavailable"
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    code = "database_unavailable"
+
+
+def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "field": field}}
+
+
+def _field_name(location: tuple[Any, ...] | list[Any]) -> str | None:
+    # Drop the part of the request ("body", "query", ...) and keep the field path.
+    parts = [str(part) for part in location]
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+        parts = parts[1:]
+    return ".".join(parts) or None
+
+
+def _validation_message(error: dict[str, Any], field: str | None) -> str:
+    message = str(error.get("msg", "invalid value"))
+    message = message.removeprefix("Value error, ")
+    if error.get("type") == "json_invalid":
+        return "request body is not valid JSON: " + str(error.get("ctx", {}).get("error", message))
+    if error.get("type") == "missing":
+        return f"{field} is required" if field else "a required value is missing"
+    if error.get("type") == "extra_forbidden":
+        return f"{field} is not a known field; remove it"
+    return f"{field}: {message}" if field else message
+
+
+async def _validation_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    errors = list(error.errors())
+    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+    field = _field_name(first.get("loc", ()))
+    code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_input"
+    body = error_body(code, _validation_message(first, field), field)
+    body["error"]["details"] = [
+        {
+            "field": _field_name(item.get("loc", ())),
+            "message": _validation_message(item, _field_name(item.get("loc", ()))),
+            "type": item.get("type"),
+        }
+        for item in errors
+    ]
+    return JSONResponse(body, status_code=422)
+
+
+async def _gateway_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, GatewayError)
+    if error.status_code >= 500:
+        logger.warning("request failed: %s", error.message, extra={"path": request.url.path})
+    return JSONResponse(error.body(), status_code=error.status_code)
+
+
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    message = str(error.detail)
+    if error.status_code == 404 and message == "Not Found":
+        message = f"no route for {request.method} {request.url.path}"
+    return JSONResponse(
+        error_body(codes.get(error.status_code, "http_error"), message),
+        status_code=error.status_code,
+        headers=getattr(error, "headers", None),
+    )
+
+
+async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    logger.exception("unexpected error", extra={"path": request.url.path})
+    return JSONResponse(
+        error_body("internal_error", f"internal error: {type(error).__name__}; see the gateway log"),
+        status_code=500,
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(GatewayError, _gateway_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

@@ -1,0 +1,211 @@
+"""Events straight from JetStream: a paged REST read, a WebSocket and a server-sent-events stream.
+
+WebSocket `/api/sessions/{id}/ws?since=N` sends each event after N as its JSON
+envelope (with `seq` and `position`), then live ones. It also takes control
+commands, such as `{"command": "pause_execution"}`, and answers each on the same
+socket. Close codes: 4404 unknown session, 4422 invalid `since`, 4008 the client
+fell more than STEPWISE_CLIENT_BUFFER messages behind (reconnect with
+since=<last seq received>), 1013 NATS unavailable. The server pings every
+STEPWISE_WS_PING_INTERVAL seconds and drops a client that does not answer within
+STEPWISE_WS_PING_TIMEOUT seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+from fastapi import APIRouter, Depends, Header, Query, Response, WebSocket, WebSocketDisconnect
+from fastapi.responses import StreamingResponse
+
+from .. import socket_commands
+from ..dependencies import get_runtime, runtime_of, session_id_path
+from ..errors import GatewayError, InvalidInput, SessionNotFound
+from ..pump import (
+    CLOSE_INVALID,
+    CLOSE_NOT_FOUND,
+    CLOSE_TOO_SLOW,
+    CLOSE_UNAVAILABLE,
+    Outbox,
+    cancel_all,
+    is_event,
+    pump_events,
+)
+from ..runtime import Runtime, nats_errors
+from ..schemas import ErrorResponse, EventList
+from ..validation import check_session_id
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/api/sessions/{session_id}", tags=["events"])
+
+MAX_EVENTS_PAGE = 10_000
+# Seconds between keep-alive comments on an idle server-sent-events stream.
+SSE_KEEPALIVE = 15.0
+
+_encoder = msgspec.json.Encoder()
+
+
+@router.get(
+    "/events",
+    response_model=EventList,
+    responses={
+        404: {"model": ErrorResponse, "description": "Unknown session."},
+        422: {"model": ErrorResponse, "description": "Invalid query parameter."},
+        503: {"model": ErrorResponse, "description": "NATS is unavailable."},
+    },
+    summary="Read a session's events from the stream, after a seq or a time",
+)
+async def read_events(
+    session_id: Annotated[str, Depends(session_id_path)],
+    runtime: Annotated[Runtime, Depends(get_runtime)],
+    since: Annotated[int, Query(ge=0, description="Return events with seq greater than this.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_EVENTS_PAGE, description="Events per page.")] = 1000,
+    since_time: Annotated[
+        datetime | None,
+        Query(description="Return only events stamped after this ISO 8601 time, which must carry a UTC offset."),
+    ] = None,
+) -> Response:
+    if since_time is not None and since_time.utcoffset() is None:
+        raise InvalidInput(
+            f"since_time {since_time.isoformat()} has no UTC offset; add one, like 2026-01-01T12:00:00+00:00",
+            field="since_time",
+        )
+    _, store = runtime.jetstream()
+    with nats_errors(f"reading the events of session {session_id}"):
+        _, last_seq = await store.last(session_id)
+        if last_seq == 0:
+            raise SessionNotFound(session_id)
+        if since_time is None:
+            events = await store.read(session_id, since, limit)
+        else:
+            # NOTE: a time filter reads every event after `since` and filters them here;
+            # pass `since` as well to bound the read on long sessions.
+            events = [event for event in await store.read(session_id, since) if event.at > since_time][:limit]
+    next_since = events[-1].seq if events else since
+    body = {"session_id": session_id, "events": events, "last_seq": last_seq, "next_since": next_since}
+    return Response(_encoder.encode(body), media_type="application/json")
+
+
+@router.get(
+    "/stream",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "Each event as `id: <seq>`, `event: <type>`, `data: <envelope>`."},
+        404: {"model": ErrorResponse, "description": "Unknown session."},
+    },
+    summary="Stream a session's events as server-sent events, resuming after since or Last-Event-ID",
+)
+async def stream_events(
+    session_id: Annotated[str, Depends(session_id_path)],
+    runtime: Annotated[Runtime, Depends(get_runtime)],
+    since: Annotated[int, Query(ge=0, description="Send events with seq greater than this.")] = 0,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> StreamingResponse:
+    if last_event_id is not None:
+        if not last_event_id.isdigit():
+            raise InvalidInput(f"Last-Event-ID {last_event_id!r} is not an event seq", field="Last-Event-ID")
+        since = max(since, int(last_event_id))
+    _, store = runtime.jetstream()
+    with nats_errors(f"reading the events of session {session_id}"):
+        _, last_seq = await store.last(session_id)
+    if last_seq == 0:
+        raise SessionNotFound(session_id)
+    outbox = Outbox(runtime.settings.client_buffer)
+
+    async def frames() -> AsyncIterator[bytes]:
+        pump = asyncio.create_task(pump_events(store, session_id, since, outbox))
+        try:
+            while True:
+                getter = asyncio.ensure_future(outbox.get())
+                overflow = asyncio.ensure_future(outbox.overflowed.wait())
+                done, _ = await asyncio.wait({getter, overflow}, timeout=SSE_KEEPALIVE, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                overflow.cancel()
+                if getter in done:
+                    event = getter.result()
+                    outbox.last_sent_seq = event.seq
+                    yield b"id: %d\nevent: %s\ndata: %s\n\n" % (event.seq, event.type.encode(), _encoder.encode(event))
+                elif outbox.overflowed.is_set():
+                    note = {"reason": "client too slow", "resume_since": outbox.last_sent_seq}
+                    yield b"event: overflow\ndata: %s\n\n" % _encoder.encode(note)
+                    return
+                else:
+                    yield b": keep-alive\n\n"
+        finally:
+            await cancel_all(pump)
+
+    return StreamingResponse(
+        frames(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.websocket("/ws")
+async def session_socket(websocket: WebSocket, session_id: str) -> None:
+    """Send a session's events after `since`, then live ones, and take control commands."""
+    runtime = runtime_of(websocket)
+    await websocket.accept()
+    since_text = websocket.query_params.get("since", "0")
+    try:
+        check_session_id(session_id)
+    except GatewayError:
+        await websocket.close(CLOSE_NOT_FOUND, f"no session with id {session_id!r}")
+        return
+    if not since_text.isdigit():
+        await websocket.close(CLOSE_INVALID, f"since={since_text!r} is not a non-negative integer")
+        return
+    try:
+        js, store = runtime.jetstream()
+        _, last_seq = await store.last(session_id)
+    except Exception as error:  # noqa: BLE001 - any NATS failure means: try again later
+        await websocket.close(CLOSE_UNAVAILABLE, f"NATS unavailable: {error}"[:120])
+        return
+    if last_seq == 0:
+        await websocket.close(CLOSE_NOT_FOUND, f"no session with id {session_id!r}")
+        return
+
+    outbox = Outbox(runtime.settings.client_buffer)
+    pump = asyncio.create_task(pump_events(store, session_id, int(since_text), outbox))
+    receiver = asyncio.create_task(_receive_commands(websocket, runtime, session_id, outbox))
+    sender = asyncio.create_task(_send(websocket, outbox))
+    overflow = asyncio.create_task(outbox.overflowed.wait())
+    try:
+        done, _ = await asyncio.wait({pump, receiver, sender, overflow}, return_when=asyncio.FIRST_COMPLETED)
+        if overflow in done:
+            await cancel_all(sender)
+            reason = f"client too slow; reconnect with since={outbox.last_sent_seq}"
+            await websocket.close(CLOSE_TOO_SLOW, reason)
+        elif pump in done and pump.exception() is not None:
+            logger.warning("event tail failed: %s", pump.exception(), extra={"session_id": session_id})
+            await websocket.close(CLOSE_UNAVAILABLE, "event stream unavailable; reconnect with since")
+    except Exception:  # noqa: BLE001 - the socket may already be gone
+        logger.debug("closing the socket failed", exc_info=True)
+    finally:
+        await cancel_all(pump, receiver, sender, overflow)
+
+
+async def _send(websocket: WebSocket, outbox: Outbox) -> None:
+    while True:
+        item = await outbox.get()
+        if is_event(item):
+            await websocket.send_text(_encoder.encode(item).decode())
+            outbox.last_sent_seq = item.seq
+        else:
+            await websocket.send_text(_encoder.encode(item).decode())
+
+
+async def _receive_commands(websocket: WebSocket, runtime: Runtime, session_id: str, outbox: Outbox) -> None:
+    try:
+        while True:
+            text = await websocket.receive_text()
+            reply = await socket_commands.handle(runtime, session_id, text)
+            outbox.put(reply)
+    except WebSocketDisconnect:
+        return
