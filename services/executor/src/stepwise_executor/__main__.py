@@ -1,0 +1,57 @@
+"""Entry point of the executor service: `stepwise-executor`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from stepwise_libs import subjects
+from stepwise_libs.consumer import run_command_consumer
+from stepwise_libs.jetstream import EventStore, connect, ensure_topology
+from stepwise_libs.logs import configure_logging
+from stepwise_libs.settings import SettingsError
+
+from .handlers import ExecutorService
+from .settings import ExecutorSettings
+
+logger = logging.getLogger(__name__)
+
+
+async def run(settings: ExecutorSettings) -> None:
+    settings.browsers_dir.mkdir(parents=True, exist_ok=True)
+    client = await connect(settings.nats_url, f"executor-{settings.executor_id}")
+    js = client.jetstream()
+    await ensure_topology(js, settings.stream_replicas)
+    store = EventStore(js)
+    service = ExecutorService(js, store, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    consumer = asyncio.create_task(
+        run_command_consumer(
+            js, store, subjects.EXECUTOR_CONSUMER, f"{subjects.EXECUTOR_COMMANDS}.*", service.handle, stop
+        )
+    )
+    logger.info("service ready", extra={"executor_id": settings.executor_id, "nats_url": settings.nats_url})
+    await stop.wait()
+    logger.info("stopping", extra={"executor_id": settings.executor_id})
+    await consumer
+    await service.shutdown()
+    await client.drain()
+
+
+def main() -> None:
+    try:
+        settings = ExecutorSettings()
+    except SettingsError as error:
+        sys.stderr.write(f"stepwise-executor: {error}\n")
+        raise SystemExit(2) from None
+    configure_logging("executor", settings.log_level)
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

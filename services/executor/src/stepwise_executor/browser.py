@@ -1,0 +1,142 @@
+"""One headless Chromium per session, driven through browser-use's BrowserSession."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psutil
+from browser_use import BrowserProfile, BrowserSession
+
+from .errors import BrowserStartError
+
+logger = logging.getLogger(__name__)
+
+# browser-use reads these at import time as well; set them before any agent starts.
+os.environ.setdefault("ANONYMIZED_TELEMETRY", "false")
+os.environ.setdefault("BROWSER_USE_VERSION_CHECK", "false")
+
+BASE_ARGS = [
+    "--no-sandbox",
+    "--no-startup-window",
+    "--disable-features=NetworkTimeServiceQuerying",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+def chromium_args(target_url: str) -> list[str]:
+    args = list(BASE_ARGS)
+    host = urlsplit(target_url).hostname or ""
+    if host in LOOPBACK_HOSTS:
+        # Keep a loopback test target from reaching any other host.
+        args.append("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")
+    return args
+
+
+class SessionBrowser:
+    """The browser of one session, with its own folder under `$STEPWISE_HOME/executor/<session_id>`."""
+
+    def __init__(self, session_id: str, chromium: str, browsers_dir: Path, target_url: str) -> None:
+        self.session_id = session_id
+        self.folder = browsers_dir / session_id
+        self.chromium = chromium
+        self.target_url = target_url
+        self.session: BrowserSession | None = None
+        self.pid: int | None = None
+
+    async def start(self) -> BrowserSession:
+        if self.session is not None:
+            return self.session
+        self.folder.mkdir(parents=True, exist_ok=True)
+        profile = BrowserProfile(
+            executable_path=self.chromium,
+            headless=True,
+            # keep_alive keeps browser-use from closing the browser when an Agent run ends,
+            # so every step of the session runs in the same page.
+            keep_alive=True,
+            enable_default_extensions=False,
+            user_data_dir=str(self.folder / "profile"),
+            downloads_path=str(self.folder / "downloads"),
+            args=chromium_args(self.target_url),
+            highlight_elements=False,
+            dom_highlight_elements=False,
+        )
+        session = BrowserSession(browser_profile=profile)
+        self.session = session
+        try:
+            await session.start()
+        except Exception as error:
+            await self.close()
+            raise BrowserStartError(f"Chromium at {self.chromium} failed to start: {error}") from error
+        watchdog = getattr(session, "_local_browser_watchdog", None)
+        self.pid = getattr(watchdog, "browser_pid", None)
+        logger.info("browser started", extra={"session_id": self.session_id, "pid": self.pid})
+        return session
+
+    @property
+    def is_open(self) -> bool:
+        return self.session is not None
+
+    async def screenshot(self) -> bytes:
+        assert self.session is not None
+        return await self.session.take_screenshot(format="png")
+
+    async def current_url(self) -> str:
+        if self.session is None:
+            return ""
+        return await self.session.get_current_page_url()
+
+    async def close(self, graceful: bool = True) -> None:
+        """Close the browser, kill any Chromium process left of it and remove the session folder."""
+        session, self.session = self.session, None
+        if session is not None and graceful:
+            try:
+                await asyncio.wait_for(session.kill(), timeout=10)
+            except (Exception, asyncio.CancelledError):  # noqa: BLE001 - the processes are killed below anyway
+                logger.warning("browser-use kill failed", exc_info=True, extra={"session_id": self.session_id})
+        self.kill_processes()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.pid = None
+
+    def kill_processes(self) -> list[int]:
+        """Kill Chromium processes of this session: the launched one, its children, and any using the folder."""
+        victims: dict[int, psutil.Process] = {}
+        if self.pid is not None:
+            try:
+                root = psutil.Process(self.pid)
+                victims[root.pid] = root
+                for child in root.children(recursive=True):
+                    victims[child.pid] = child
+            except psutil.NoSuchProcess:
+                pass
+        marker = str(self.folder)
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = process.info.get("cmdline") or []
+            if any(marker in part for part in cmdline):
+                victims[process.pid] = process
+        for process in victims.values():
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(list(victims.values()), timeout=3)
+        return list(victims)
+
+
+def session_processes(folder: Path) -> list[int]:
+    """Return the pids of processes whose command line names a session folder."""
+    marker = str(folder)
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = process.info.get("cmdline") or []
+        if any(marker in part for part in cmdline):
+            found.append(process.pid)
+    return found

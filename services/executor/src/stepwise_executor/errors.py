@@ -1,0 +1,47 @@
+"""Errors and failure categories of the executor."""
+
+from __future__ import annotations
+
+# Categories carried by `step_failed` and `act_mode_failed`.
+CHECK_FAILED = "check_failed"
+ELEMENT_NOT_FOUND = "element_not_found"
+TIMEOUT = "timeout"
+MODEL_ERROR = "model_error"
+INVALID_MODEL_OUTPUT = "invalid_model_output"
+BROWSER_ERROR = "browser_error"
+
+
+class ExecutorError(Exception):
+    """Base of the executor's own errors."""
+
+
+class StepError(ExecutorError):
+    """A step could not be run; carries the category reported in `step_failed`."""
+
+    def __init__(self, message: str, category: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.category = category
+
+
+class ModelCallError(StepError):
+    """The chat model failed after its retries, or kept returning output the agent cannot use."""
+
+
+class BrowserStartError(StepError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, BROWSER_ERROR)
+
+
+def categorize_failure(message: str) -> str:
+    """Pick the category of a step the agent reported as unsuccessful, from its message."""
+    lowered = message.casefold()
+    if "was not found on the page" in lowered or "is still shown on the page" in lowered:
+        return CHECK_FAILED
+    if lowered.startswith("no ") and "matching" in lowered:
+        return ELEMENT_NOT_FOUND
+    if "not available" in lowered or "element" in lowered and "not found" in lowered:
+        return ELEMENT_NOT_FOUND
+    if "timed out" in lowered or "timeout" in lowered:
+        return TIMEOUT
+    return CHECK_FAILED

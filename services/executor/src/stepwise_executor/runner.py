@@ -1,0 +1,264 @@
+"""Run a session's plan steps through browser-use agents in the session's browser, appending events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from browser_use import Agent
+from nats.js import JetStreamContext
+
+from stepwise_libs import events as ev
+from stepwise_libs import subjects
+from stepwise_libs.events import ActionRecord
+from stepwise_libs.fold import SessionState
+from stepwise_libs.jetstream import EventStore
+
+from .browser import SessionBrowser
+from .errors import BROWSER_ERROR, MODEL_ERROR, TIMEOUT, StepError, categorize_failure
+from .models import RetryingChatModel, gemini_model, is_offline, offline_model
+from .settings import ExecutorSettings
+
+logger = logging.getLogger(__name__)
+
+# Agent steps (model calls) one plan step may take; the step time limit usually ends it first.
+MAX_AGENT_STEPS = 60
+
+
+@dataclass
+class StepOutcome:
+    success: bool
+    thinking: str = ""
+    actions: list[ActionRecord] = field(default_factory=list)
+    results: list[str] = field(default_factory=list)
+    screenshots: list[str] = field(default_factory=list)
+    error: str = ""
+    category: str = ""
+    duration_ms: int = 0
+
+
+def action_records(item: Any) -> list[ActionRecord]:
+    """Turn one agent history item (model output + results) into ActionRecords, leaving out `done`."""
+    records: list[ActionRecord] = []
+    output = item.model_output
+    if output is None:
+        return records
+    for action, result in zip(output.action, item.result, strict=False):
+        dumped = action.model_dump(exclude_none=True)
+        if not dumped:
+            continue
+        name, params = next(iter(dumped.items()))
+        if name == "done":
+            continue
+        error = result.error
+        text = result.long_term_memory or result.extracted_content
+        records.append(
+            ActionRecord(
+                name=name,
+                params=params if isinstance(params, dict) else {"value": params},
+                result=text,
+                error=error,
+                success=error is None,
+            )
+        )
+    return records
+
+
+class StepRunner:
+    """Runs plan steps (or act-mode instructions) for one session in its browser."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        store: EventStore,
+        settings: ExecutorSettings,
+        state: SessionState,
+        browser: SessionBrowser,
+    ) -> None:
+        self.js = js
+        self.store = store
+        self.settings = settings
+        self.state = state
+        self.browser = browser
+
+    async def append(self, payload: ev.Payload, command_id: str | None) -> ev.Event:
+        return await self.store.append(self.state.session_id, payload, command_id=command_id)
+
+    def _model(self, task_id: str, step_number: int | None, command_id: str | None) -> Any:
+        model = self.state.llm_model
+        if is_offline(model):
+            return offline_model(self.state.target_url)
+
+        async def on_retry(attempt: int, delay: float, error: str) -> None:
+            # A model retry is reported as an action named "model_retry", so a client sees
+            # each retry in the step's action stream without a new event type.
+            await self.append(
+                ev.ActionExecuted(
+                    task_id=task_id,
+                    step_number=step_number,
+                    action=ActionRecord(
+                        name="model_retry",
+                        params={"attempt": attempt, "delay_seconds": round(delay, 2)},
+                        error=error,
+                        success=False,
+                    ),
+                ),
+                command_id,
+            )
+
+        if not self.settings.gemini_api_key:
+            raise StepError(f"model {model!r} needs GEMINI_API_KEY or GOOGLE_API_KEY, and neither is set", MODEL_ERROR)
+        return gemini_model(model, self.settings.gemini_api_key, self.settings.gemini_base_url, on_retry)
+
+    async def run_agent(
+        self,
+        task: str,
+        task_id: str,
+        step_number: int | None,
+        command_id: str | None,
+        screenshot_step: int | str,
+    ) -> StepOutcome:
+        """Run one agent on `task` in the session's browser; never raises for a failed step."""
+        started = time.monotonic()
+        outcome = await self._run_agent(task, task_id, step_number, command_id)
+        outcome.duration_ms = int((time.monotonic() - started) * 1000)
+        if self.browser.is_open:
+            try:
+                name = subjects.screenshot_object_name(self.state.session_id, screenshot_step, 1)
+                data = await asyncio.wait_for(self.browser.screenshot(), timeout=15)
+                store = await self.js.object_store(subjects.SCREENSHOTS_BUCKET)
+                await store.put(name, data)
+                outcome.screenshots.append(name)
+            except Exception as error:  # noqa: BLE001 - a missing screenshot must not hide the step's result
+                logger.warning(
+                    "screenshot failed: %s", error, extra={"session_id": self.state.session_id, "step": screenshot_step}
+                )
+        return outcome
+
+    async def _run_agent(self, task: str, task_id: str, step_number: int | None, command_id: str | None) -> StepOutcome:
+        try:
+            session = await self.browser.start()
+            llm = self._model(task_id, step_number, command_id)
+        except StepError as error:
+            return StepOutcome(success=False, error=error.message, category=error.category)
+        emitted: list[ActionRecord] = []
+
+        async def on_step_end(agent: Agent) -> None:
+            if not agent.history.history:
+                return
+            for record in action_records(agent.history.history[-1]):
+                emitted.append(record)
+                await self.append(
+                    ev.ActionExecuted(task_id=task_id, step_number=step_number, action=record), command_id
+                )
+
+        agent = Agent(
+            task=task,
+            llm=llm,
+            browser_session=session,
+            use_judge=False,
+            enable_signal_handler=False,
+            use_vision=not is_offline(self.state.llm_model),
+            enable_planning=False,
+            directly_open_url=False,
+            max_failures=1,
+            final_response_after_failure=False,
+            calculate_cost=False,
+            generate_gif=False,
+            llm_timeout=90,
+            step_timeout=int(self.settings.step_timeout) + 5,
+            file_system_path=str(self.browser.folder / "agent"),
+        )
+        try:
+            history = await asyncio.wait_for(
+                agent.run(max_steps=MAX_AGENT_STEPS, on_step_end=on_step_end), timeout=self.settings.step_timeout
+            )
+        except TimeoutError:
+            return StepOutcome(
+                success=False,
+                actions=emitted,
+                error=f"the step did not finish within {self.settings.step_timeout:g} seconds",
+                category=TIMEOUT,
+            )
+        except Exception as error:  # noqa: BLE001 - browser-use failures end the step, not the run loop
+            logger.exception("agent run failed", extra={"session_id": self.state.session_id})
+            return StepOutcome(success=False, actions=emitted, error=f"the browser agent failed: {error}", category=BROWSER_ERROR)
+
+        thinking = "\n".join(
+            item.model_output.thinking or item.model_output.next_goal or ""
+            for item in history.history
+            if item.model_output is not None
+        ).strip()
+        results = [
+            text
+            for item in history.history
+            for result in item.result
+            if (text := result.long_term_memory or result.extracted_content)
+        ]
+        final = history.final_result() or ""
+        if history.is_done():
+            if history.is_successful():
+                return StepOutcome(success=True, thinking=thinking, actions=emitted, results=results)
+            return StepOutcome(
+                success=False,
+                thinking=thinking,
+                actions=emitted,
+                results=results,
+                error=final or "the agent reported the step as failed",
+                category=categorize_failure(final),
+            )
+        failure = llm.failure if isinstance(llm, RetryingChatModel) else None
+        if failure is not None:
+            return StepOutcome(False, thinking, emitted, results, error=failure.message, category=failure.category)
+        errors = [error for error in history.errors() if error]
+        message = errors[-1] if errors else "the agent stopped without finishing the step"
+        return StepOutcome(False, thinking, emitted, results, error=message, category=BROWSER_ERROR)
+
+    async def run_step(self, task_id: str, number: int, command_id: str | None) -> StepOutcome:
+        step = self.state.step(number)
+        assert step is not None
+        attempt = step.attempts + 1
+        event = await self.append(
+            ev.StepStarted(task_id=task_id, step_number=number, description=step.description, attempt=attempt),
+            command_id,
+        )
+        _apply(self.state, event)
+        outcome = await self.run_agent(step.description, task_id, number, command_id, number)
+        if outcome.success:
+            payload: ev.Payload = ev.StepCompleted(
+                task_id=task_id,
+                step_number=number,
+                thinking=outcome.thinking,
+                actions=outcome.actions,
+                results=outcome.results,
+                screenshots=outcome.screenshots,
+                duration_ms=outcome.duration_ms,
+            )
+        else:
+            payload = ev.StepFailed(
+                task_id=task_id,
+                step_number=number,
+                error=outcome.error,
+                category=outcome.category,
+                thinking=outcome.thinking,
+                actions=outcome.actions,
+                screenshots=outcome.screenshots,
+                duration_ms=outcome.duration_ms,
+            )
+        _apply(self.state, await self.append(payload, command_id))
+        logger.info(
+            "step %s %s",
+            number,
+            "passed" if outcome.success else f"failed ({outcome.category}): {outcome.error}",
+            extra={"session_id": self.state.session_id, "task_id": task_id},
+        )
+        return outcome
+
+
+def _apply(state: SessionState, event: ev.Event) -> None:
+    from stepwise_libs.fold import apply
+
+    apply(state, event)

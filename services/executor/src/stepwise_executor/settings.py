@@ -1,0 +1,46 @@
+"""Executor settings, read once from the environment in `main()`."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stepwise_libs.settings import CommonSettings, SettingsError, env_float, env_str, gemini_api_key
+
+
+def _executor_id() -> str:
+    value = os.environ.get("STEPWISE_EXECUTOR_ID", "")
+    if value and not all(ch.isalnum() or ch in "-_" for ch in value):
+        raise SettingsError("STEPWISE_EXECUTOR_ID", value, "letters, digits, '-' or '_' (it is part of a NATS subject)")
+    return value or f"{socket.gethostname()}-{os.getpid()}".replace(".", "-")
+
+
+def _chromium() -> str:
+    value = env_str("STEPWISE_CHROMIUM", "/usr/bin/chromium")
+    if not Path(value).is_file() or not os.access(value, os.X_OK):
+        raise SettingsError("STEPWISE_CHROMIUM", value, "the path of an executable Chromium binary")
+    return value
+
+
+def _base_url() -> str | None:
+    value = os.environ.get("STEPWISE_GEMINI_BASE_URL") or None
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise SettingsError("STEPWISE_GEMINI_BASE_URL", value, "an http:// or https:// URL")
+    return value
+
+
+@dataclass(frozen=True)
+class ExecutorSettings(CommonSettings):
+    chromium: str = field(default_factory=_chromium)
+    home: Path = field(default_factory=lambda: Path(env_str("STEPWISE_HOME", "./.stepwise")).resolve())
+    # Seconds one plan step may take before it fails with category "timeout".
+    step_timeout: float = field(default_factory=lambda: env_float("STEPWISE_STEP_TIMEOUT", 120.0, 1.0))
+    executor_id: str = field(default_factory=_executor_id)
+    gemini_api_key: str | None = field(default_factory=gemini_api_key)
+    gemini_base_url: str | None = field(default_factory=_base_url)
+
+    @property
+    def browsers_dir(self) -> Path:
+        return self.home / "executor"
