@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 import subprocess
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -42,8 +43,9 @@ class Page:
             raise AssertionError(f"{expression!r} raised {result['exceptionDetails']}")
         return result["result"].get("value")
 
-    async def wait_for(self, expression: str, timeout: float = 10.0) -> Any:
-        async with asyncio.timeout(timeout):
+    async def wait_for(self, expression: str, seconds: float = 10.0) -> Any:
+        """Evaluate `expression` until it is truthy; the page offers no event to await instead."""
+        async with asyncio.timeout(seconds):
             while True:
                 try:
                     value = await self.evaluate(expression)
@@ -68,7 +70,8 @@ def site() -> Iterator[SampleSite]:
 
 
 @pytest.fixture
-async def page(tmp_path: Path) -> AsyncIterator[Page]:
+def chromium_page_url(tmp_path: Path) -> Iterator[str]:
+    """Start a headless Chromium and return the CDP WebSocket URL of its first page."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is not installed")
     profile = tmp_path / "profile"
@@ -92,16 +95,17 @@ async def page(tmp_path: Path) -> AsyncIterator[Page]:
         start_new_session=True,
     )
     try:
+        # Chromium writes its debugging port to this file once it listens.
         port_file = profile / "DevToolsActivePort"
-        async with asyncio.timeout(30):
-            while not port_file.exists() or not port_file.read_text().strip():
-                await asyncio.sleep(0.05)
+        deadline = time.monotonic() + 30
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert process.poll() is None, f"chromium exited with code {process.returncode}"
+            assert time.monotonic() < deadline, "chromium did not open its debugging port in 30 s"
+            time.sleep(0.05)
         port = port_file.read_text().split()[0]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as answer:
             targets = json.load(answer)
-        target = next(t for t in targets if t["type"] == "page")
-        async with websockets.connect(target["webSocketDebuggerUrl"], max_size=None) as socket:
-            yield Page(socket)
+        yield next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
     finally:
         process.terminate()
         try:
@@ -110,6 +114,12 @@ async def page(tmp_path: Path) -> AsyncIterator[Page]:
             process.kill()
             process.wait(5)
         shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+async def page(chromium_page_url: str) -> AsyncIterator[Page]:
+    async with websockets.connect(chromium_page_url, max_size=None) as socket:
+        yield Page(socket)
 
 
 def _fill(selector: str, value: str) -> str:
@@ -141,7 +151,9 @@ async def test_sample_site_checkout_flow(page: Page, site: SampleSite) -> None:
     await _log_in(page, site, "standard_user", "secret_sauce")
     await page.wait_for("location.pathname === '/inventory.html'")
     await page.wait_for("document.querySelector('h1')?.innerText === 'Products'")
-    names = await page.evaluate("[...document.querySelectorAll('.items .name')].map(e => e.innerText)")
+    names = await page.evaluate(
+        "[...document.querySelectorAll('.items .name')].map(e => e.innerText)"
+    )
     assert names == ["Backpack", "Bike Light", "Bolt T-Shirt", "Fleece Jacket"]
     assert "Remove" not in await page.text()
 
