@@ -177,7 +177,62 @@ def split_test_case(test_case: str) -> list[str]:
     steps: list[str] = []
     for piece in pieces:
         for clause in _THEN.split(piece):
-            clause = re.sub(r"^(?:and\s+)?then\s+", "", clause.strip(), flags=re.I).rstrip(".").strip()
+            clause = (
+                re.sub(r"^(?:and\s+)?then\s+", "", clause.strip(), flags=re.I).rstrip(".").strip()
+            )
             if clause:
                 steps.append(clause[0].upper() + clause[1:])
     return steps
+
+
+# One example of each phrase form `parse_step` understands, for help and error messages.
+PHRASE_FORMS: tuple[str, ...] = (
+    "Open the login page  (or: Go to https://example.com/path)",
+    'Click "Login"',
+    'Type "standard_user" into "Username"  (or: Fill "Username" with "standard_user")',
+    "Press Enter",
+    'Select "Canada" in "Country"',
+    'Check that the page shows "Products"',
+    'Check that the page does not show "Error"',
+    'Wait for "Thank you" up to 10 seconds',
+)
+
+
+def _quote(text: str) -> str:
+    """Quote a value with the first quote style that does not occur in it."""
+    if '"' not in text:
+        return f'"{text}"'
+    if "'" not in text:
+        return f"'{text}'"
+    return f"“{text}”"
+
+
+def format_step(intent: StepIntent, original: str = "") -> str:
+    """Render an intent in the canonical phrase form; `parse_step` reads it back unchanged.
+
+    An "open" step without a URL keeps its `original` wording (such as "Open the
+    login page"), because the canonical form would drop which page it names.
+    """
+    if intent.kind == "open":
+        if intent.target:
+            return f"Open {intent.target}"
+        text = original.strip().rstrip(".;!").strip()
+        return text[0].upper() + text[1:] if text else "Open the target page"
+    if intent.kind == "click":
+        return f"Click {_quote(intent.target)}"
+    if intent.kind == "type":
+        return f"Type {_quote(intent.value)} into {_quote(intent.target)}"
+    if intent.kind == "press":
+        return f"Press {intent.target}"
+    if intent.kind == "select":
+        return f"Select {_quote(intent.value)} in {_quote(intent.target)}"
+    if intent.kind == "check":
+        return f"Check that the page shows {_quote(intent.target)}"
+    if intent.kind == "check_absent":
+        return f"Check that the page does not show {_quote(intent.target)}"
+    if intent.kind == "wait":
+        text = f"Wait for {_quote(intent.target)}"
+        if intent.timeout_seconds is not None:
+            text += f" up to {intent.timeout_seconds:g} seconds"
+        return text
+    raise ValueError(f"unknown step kind {intent.kind!r}")
