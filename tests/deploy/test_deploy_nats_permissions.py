@@ -1,0 +1,290 @@
+"""A real nats-server runs the accounts and permissions of deploy/nats/values.yaml.
+
+Each service's user can do its own work (create the topology, consume its own durable
+consumer, append events, use its KV buckets and object store) and nothing that belongs
+to another service: above all, the planner cannot publish an executor command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import APIError
+
+from stepwise.embedded import EmbeddedNats
+from stepwise_libs import subjects
+from stepwise_libs.events import SessionCreated
+from stepwise_libs.jetstream import EventStore, ensure_topology
+
+from natsconf import merge_config, render, users
+
+SERVICES = ("gateway", "planner", "executor", "projector")
+DENIED_WAIT = 3.0
+
+
+@pytest.fixture(scope="module")
+def passwords() -> dict[str, str]:
+    return {name: secrets.token_hex(16) for name in ("sys", *SERVICES)}
+
+
+@pytest.fixture(scope="module")
+def secured_nats(
+    tmp_path_factory: pytest.TempPathFactory, passwords: dict[str, str]
+) -> Iterator[EmbeddedNats]:
+    folder = tmp_path_factory.mktemp("nats-auth")
+    config = folder / "auth.conf"
+    config.write_text(render(merge_config()))
+    # The chart passes the passwords to nats-server as environment variables; so do we.
+    names = {f"{name.upper()}_PASSWORD": value for name, value in passwords.items()}
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    try:
+        server = EmbeddedNats(folder, extra_args=["-c", str(config)]).start()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    yield server
+    server.stop()
+
+
+class Violations:
+    """Collects the asynchronous permission errors the server sends to one client.
+
+    nats-py lower-cases the server's error text, so matching ignores case.
+    """
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.changed = asyncio.Event()
+
+    async def record(self, error: Exception) -> None:
+        self.messages.append(str(error))
+        self.changed.set()
+
+    async def wait_for(self, text: str, timeout: float = 5.0) -> str:
+        async def found() -> str:
+            while True:
+                for message in self.messages:
+                    if text.lower() in message.lower():
+                        return message
+                self.changed.clear()
+                await self.changed.wait()
+
+        return await asyncio.wait_for(found(), timeout)
+
+
+async def _connect(server: EmbeddedNats, user: str, password: str, violations: Violations) -> NATS:
+    return await nats.connect(
+        servers=[server.url],
+        user=user,
+        password=password,
+        name=f"test-{user}",
+        error_cb=violations.record,
+        allow_reconnect=False,
+        connect_timeout=5,
+    )
+
+
+@pytest.fixture
+async def clients(
+    secured_nats: EmbeddedNats, passwords: dict[str, str]
+) -> AsyncIterator[dict[str, tuple[NATS, Violations]]]:
+    opened: dict[str, tuple[NATS, Violations]] = {}
+    for name in SERVICES:
+        violations = Violations()
+        opened[name] = (await _connect(secured_nats, name, passwords[name], violations), violations)
+    yield opened
+    for client, _ in opened.values():
+        await client.close()
+
+
+async def test_a_wrong_password_is_refused(secured_nats: EmbeddedNats) -> None:
+    with pytest.raises(Exception, match="(?i)authorization"):
+        await _connect(secured_nats, "planner", "not-the-password", Violations())
+
+
+@pytest.mark.parametrize("service", SERVICES)
+async def test_each_service_can_create_the_topology(
+    clients: dict[str, tuple[NATS, Violations]], service: str
+) -> None:
+    client, violations = clients[service]
+    await ensure_topology(client.jetstream())
+    info = await client.jetstream().stream_info(subjects.EVENTS_STREAM)
+    assert info.config.name == subjects.EVENTS_STREAM
+    assert violations.messages == []
+
+
+async def test_planner_cannot_publish_an_executor_command(
+    clients: dict[str, tuple[NATS, Violations]],
+) -> None:
+    planner, planner_violations = clients["planner"]
+    gateway, _ = clients["gateway"]
+    await ensure_topology(gateway.jetstream())
+    subject = subjects.executor_command_subject("x")
+    js = gateway.jetstream()
+    before = (await js.stream_info(subjects.COMMANDS_STREAM, subjects_filter=subject)).state
+
+    await planner.publish(subject, b"{}")
+    await planner.flush()
+    message = await planner_violations.wait_for("Permissions Violation for Publish")
+    assert subject in message
+
+    # Through JetStream it fails too: the server drops the message, no ack comes back.
+    with pytest.raises(NatsTimeoutError):
+        await planner.jetstream().publish(subject, b"{}", timeout=DENIED_WAIT)
+    after = (await js.stream_info(subjects.COMMANDS_STREAM, subjects_filter=subject)).state
+    assert after.messages == before.messages
+
+    # The gateway, which owns that subject, stores the same command.
+    ack = await js.publish(subject, b"{}", headers={"Nats-Msg-Id": secrets.token_hex(8)})
+    assert ack.stream == subjects.COMMANDS_STREAM
+    stored = (await js.stream_info(subjects.COMMANDS_STREAM, subjects_filter=subject)).state
+    assert stored.messages == before.messages + 1
+    await _drain_executor_commands(clients)
+
+
+async def _drain_executor_commands(clients: dict[str, tuple[NATS, Violations]]) -> None:
+    executor, _ = clients["executor"]
+    subscription = await executor.jetstream().pull_subscribe(
+        f"{subjects.EXECUTOR_COMMANDS}.*",
+        durable=subjects.EXECUTOR_CONSUMER,
+        stream=subjects.COMMANDS_STREAM,
+    )
+    while True:
+        try:
+            messages = await subscription.fetch(10, timeout=1.0)
+        except asyncio.TimeoutError:  # nats' TimeoutError is a subclass
+            return
+        for message in messages:
+            await message.ack()
+
+
+async def test_planner_consumes_its_own_commands_and_appends_events(
+    clients: dict[str, tuple[NATS, Violations]],
+) -> None:
+    gateway, _ = clients["gateway"]
+    planner, planner_violations = clients["planner"]
+    await ensure_topology(gateway.jetstream())
+    command_id = secrets.token_hex(8)
+    await gateway.jetstream().publish(
+        subjects.planner_command_subject("generate_plan"),
+        command_id.encode(),
+        headers={"Nats-Msg-Id": command_id},
+    )
+    subscription = await planner.jetstream().pull_subscribe(
+        f"{subjects.PLANNER_COMMANDS}.*",
+        durable=subjects.PLANNER_CONSUMER,
+        stream=subjects.COMMANDS_STREAM,
+    )
+    received: list[bytes] = []
+    while command_id.encode() not in received:
+        for message in await subscription.fetch(10, timeout=5.0):
+            received.append(message.data)
+            await message.ack()
+
+    store = EventStore(planner.jetstream())
+    event = await store.append(f"perm-{command_id}", SessionCreated(test_case="t", target_url="u", llm_model="offline"))
+    assert event.seq == 1
+    assert planner_violations.messages == []
+
+
+async def test_planner_cannot_take_the_executor_consumer(
+    clients: dict[str, tuple[NATS, Violations]],
+) -> None:
+    planner, violations = clients["planner"]
+    with pytest.raises((NatsTimeoutError, asyncio.TimeoutError, APIError)):
+        await asyncio.wait_for(
+            planner.jetstream().pull_subscribe(
+                f"{subjects.EXECUTOR_COMMANDS}.*",
+                durable=subjects.EXECUTOR_CONSUMER,
+                stream=subjects.COMMANDS_STREAM,
+            ),
+            DENIED_WAIT * 2,
+        )
+    await violations.wait_for("Permissions Violation for Publish")
+
+
+async def test_executor_uses_its_buckets_and_object_store(
+    clients: dict[str, tuple[NATS, Violations]],
+) -> None:
+    executor, violations = clients["executor"]
+    js = executor.jetstream()
+    await ensure_topology(js)
+    leases = await js.key_value(subjects.LEASES_BUCKET)
+    await leases.put("session-1", b"executor-0")
+    assert (await leases.get("session-1")).value == b"executor-0"
+    screenshots = await js.object_store(subjects.SCREENSHOTS_BUCKET)
+    name = subjects.screenshot_object_name("session-1", 1, 1)
+    await screenshots.put(name, b"\x89PNG fake bytes")
+    assert violations.messages == []
+
+    # The gateway reads the screenshot back for the web UI.
+    gateway, gateway_violations = clients["gateway"]
+    stored = await (await gateway.jetstream().object_store(subjects.SCREENSHOTS_BUCKET)).get(name)
+    assert stored.data == b"\x89PNG fake bytes"
+    assert gateway_violations.messages == []
+
+
+async def test_projector_reads_events_but_cannot_append(
+    clients: dict[str, tuple[NATS, Violations]],
+) -> None:
+    gateway, _ = clients["gateway"]
+    projector, violations = clients["projector"]
+    await ensure_topology(gateway.jetstream())
+    session_id = f"perm-{secrets.token_hex(8)}"
+    await EventStore(gateway.jetstream()).append(session_id, SessionCreated(test_case="t", target_url="u", llm_model="offline"))
+
+    subscription = await projector.jetstream().pull_subscribe(
+        f"{subjects.EVENTS_PREFIX}.*",
+        durable=subjects.PROJECTOR_CONSUMER,
+        stream=subjects.EVENTS_STREAM,
+    )
+    seen: list[str] = []
+    while subjects.session_events_subject(session_id) not in seen:
+        for message in await subscription.fetch(50, timeout=5.0):
+            seen.append(message.subject)
+            await message.ack()
+
+    # The gateway tails the session from the start, as a reconnecting client would.
+    tail = EventStore(gateway.jetstream()).tail(session_id, 0)
+    first = await asyncio.wait_for(anext(tail), 5.0)
+    assert first.session_id == session_id
+    await tail.aclose()
+
+    await projector.publish(subjects.session_events_subject(session_id), b"{}")
+    await projector.flush()
+    message = await violations.wait_for("Permissions Violation for Publish")
+    assert subjects.session_events_subject(session_id) in message
+
+
+def test_the_rendered_config_names_every_service_user(tmp_path: Path) -> None:
+    config = render(merge_config())
+    for service in SERVICES:
+        assert f'"user": "{service}"' in config
+        assert f"${service.upper()}_PASSWORD" in config
+    assert set(users()) == set(SERVICES)
+
+
+# Keep this test last in the file: it reads the server log the tests above produced.
+def test_the_server_logged_only_the_violations_the_tests_provoked(secured_nats: EmbeddedNats) -> None:
+    expected = (
+        '"STEPWISE/user:planner" - Publish Violation - Subject "stepwise.cmd.executor.x"',
+        '"STEPWISE/user:planner" - Publish Violation - Subject '
+        '"$JS.API.CONSUMER.INFO.STEPWISE_COMMANDS.executor"',
+        '"STEPWISE/user:projector" - Publish Violation - Subject "stepwise.events.perm-',
+    )
+    log = secured_nats.log_path.read_text()
+    violations = [line for line in log.splitlines() if "Violation" in line]
+    unexpected = [line for line in violations if not any(text in line for text in expected)]
+    assert unexpected == [], "a service lacks a permission it uses:\n" + "\n".join(unexpected)
