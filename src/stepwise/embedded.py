@@ -58,7 +58,9 @@ def _wait_for_port(
         if port_open(host, port):
             return
         time.sleep(0.05)
-    raise EmbeddedServerError(f"{process.args[0]} did not open {host}:{port} in {timeout} s; see {log}")
+    raise EmbeddedServerError(
+        f"{process.args[0]} did not open {host}:{port} in {timeout} s; see {log}"
+    )
 
 
 def _stop_process(process: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> None:
@@ -113,13 +115,17 @@ class EmbeddedNats:
             )
         command = [
             str(nats_server_binary()),
-            "-a", self.host,
-            "-p", str(self.port),
+            "-a",
+            self.host,
+            "-p",
+            str(self.port),
             "-js",
-            "-sd", str(self.data_dir / "jetstream"),
-            "-l", str(self.log_path),
+            "-sd",
+            str(self.data_dir / "jetstream"),
+            "-l",
+            str(self.log_path),
             *self.extra_args,
-        ]  # fmt: skip
+        ]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
         _wait_for_port(self.host, self.port, self.process, timeout, self.log_path)
         logger.info("nats-server started on %s", self.url)
@@ -197,12 +203,17 @@ class EmbeddedPostgres:
             self._remove_stale_pid(stale_pid)
         command = [
             self._bin("postgres"),
-            "-D", str(self.pgdata),
-            "-h", self.host,
-            "-p", str(self.port),
-            "-k", str(self.data_dir),
-            "-c", "max_connections=200",
-        ]  # fmt: skip
+            "-D",
+            str(self.pgdata),
+            "-h",
+            self.host,
+            "-p",
+            str(self.port),
+            "-k",
+            str(self.data_dir),
+            "-c",
+            "max_connections=200",
+        ]
         with self.log_path.open("ab") as log:
             if user is not None:
                 os.chown(self.log_path, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
@@ -230,12 +241,14 @@ class EmbeddedPostgres:
         result = subprocess.run(
             [
                 self._bin("initdb"),
-                "-D", str(self.pgdata),
-                "-U", "postgres",
+                "-D",
+                str(self.pgdata),
+                "-U",
+                "postgres",
                 "--auth=trust",
                 "--encoding=UTF8",
                 "--no-sync",
-            ],  # fmt: skip
+            ],
             capture_output=True,
             text=True,
             user=user,
@@ -259,12 +272,17 @@ class EmbeddedPostgres:
         return subprocess.run(
             [
                 self._bin("psql"),
-                "-h", self.host,
-                "-p", str(self.port),
-                "-U", "postgres",
-                "-d", database,
-                "-tAc", sql,
-            ],  # fmt: skip
+                "-h",
+                self.host,
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "-d",
+                database,
+                "-tAc",
+                sql,
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -276,14 +294,18 @@ class EmbeddedPostgres:
             if self._psql("select 1").returncode == 0:
                 return
             time.sleep(0.1)
-        raise EmbeddedServerError(f"postgres did not accept connections in {timeout} s; see {self.log_path}")
+        raise EmbeddedServerError(
+            f"postgres did not accept connections in {timeout} s; see {self.log_path}"
+        )
 
     def _ensure_database(self) -> None:
         found = self._psql(f"select 1 from pg_database where datname = '{DATABASE_NAME}'")
         if found.stdout.strip() != "1":
             created = self._psql(f'create database "{DATABASE_NAME}"')
             if created.returncode != 0:
-                raise EmbeddedServerError(f"could not create database {DATABASE_NAME}: {created.stderr}")
+                raise EmbeddedServerError(
+                    f"could not create database {DATABASE_NAME}: {created.stderr}"
+                )
 
     def create_database(self, name: str) -> str:
         """Create an empty database and return its SQLAlchemy URL; for tests."""

@@ -11,6 +11,9 @@ import httpx
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
+# WebSocket close codes after which reconnecting cannot help: unknown session, invalid since.
+FINAL_CLOSE_CODES = frozenset({4404, 4422})
+
 
 class GatewayError(RuntimeError):
     """The gateway rejected a request or could not be reached."""
@@ -134,7 +137,16 @@ class GatewayClient:
             raise GatewayError(f"the session WebSocket handshake failed: {error}") from error
         with socket:
             while True:
-                raw = socket.recv(timeout=idle_timeout)
+                try:
+                    raw = socket.recv(timeout=idle_timeout)
+                except ConnectionClosed as closed:
+                    received = closed.rcvd
+                    if received is not None and received.code in FINAL_CLOSE_CODES:
+                        raise GatewayError(
+                            f"the gateway closed the session WebSocket: {received.reason} "
+                            f"(code {received.code})"
+                        ) from closed
+                    raise
                 message = json.loads(raw)
                 if isinstance(message, dict) and isinstance(message.get("seq"), int):
                     yield message

@@ -392,10 +392,10 @@ class Stack:
     def stop(self) -> None:
         """Stop the services in reverse order, then the embedded servers; idempotent."""
         self._stopping = True
-        for name in reversed(SERVICES):
-            service = self.services.get(name)
-            if service is not None and service.process is not None:
-                processes.stop_tree(service.process, STOP_TIMEOUTS[name])
+        # The gateway goes first so that no new command arrives; the workers then stop
+        # side by side, because each may take its whole timeout to finish its work.
+        self._stop_services(["gateway"])
+        self._stop_services([name for name in reversed(SERVICES) if name != "gateway"])
         if self.postgres is not None:
             self.postgres.stop()
         if self.nats is not None:
@@ -405,6 +405,55 @@ class Stack:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
             self._lock = None
+
+    def stop_service(self, name: str) -> None:
+        """Stop one service and keep it stopped until `start_service`; for maintenance and tests."""
+        service = self.services[name]
+        service.restart_at = float("inf")  # check() must not restart it meanwhile
+        if service.process is not None:
+            processes.stop_tree(service.process, STOP_TIMEOUTS[name])
+
+    def start_service(self, name: str, timeout: float | None = None) -> None:
+        """Start a service stopped by `stop_service` and wait until it is ready."""
+        service = self.services[name]
+        service.start()
+        self._write_state()
+        deadline = time.monotonic() + (timeout or self.config.ready_timeout)
+        with httpx.Client(timeout=2.0) as client:
+            while not self._service_ready(service, client):
+                if not service.running():
+                    code = service.process.returncode if service.process else None
+                    raise StackError(
+                        f"{name} exited with code {code} during start; "
+                        f"see {service.log_path}:\n{service.log_tail()}"
+                    )
+                if time.monotonic() > deadline:
+                    raise StackError(f"{name} not ready in time; see {service.log_path}")
+                time.sleep(0.2)
+
+    def _service_ready(self, service: Service, client: httpx.Client) -> bool:
+        if service.name == "gateway":
+            return _answers_ready(client, self.gateway_url)
+        return READY_LINE in service.log_since_start()
+
+    def _stop_services(self, names: list[str]) -> None:
+        running = [
+            (name, self.services[name].process)
+            for name in names
+            if name in self.services and self.services[name].process is not None
+        ]
+        threads = [
+            threading.Thread(
+                target=processes.stop_tree,
+                args=(process, STOP_TIMEOUTS[name]),
+                name=f"stop-{name}",
+            )
+            for name, process in running
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
     def __enter__(self) -> Stack:
         return self.start()
