@@ -30,7 +30,9 @@ def merge_config() -> dict[str, Any]:
 def _value(value: Any, indent: int) -> str:
     pad = "  " * indent
     if isinstance(value, dict):
-        lines = [f"{pad}  {json.dumps(key)}: {_value(item, indent + 1)}" for key, item in value.items()]
+        lines = [
+            f"{pad}  {json.dumps(key)}: {_value(item, indent + 1)}" for key, item in value.items()
+        ]
         return "{\n" + "\n".join(lines) + f"\n{pad}}}"
     if isinstance(value, list):
         items = [f"{pad}  {_value(item, indent + 1)}" for item in value]
@@ -48,7 +50,9 @@ def _value(value: Any, indent: int) -> str:
 
 def render(config: dict[str, Any]) -> str:
     """Return nats-server config text for a mapping of top-level settings."""
-    return "\n".join(f"{json.dumps(key)}: {_value(value, 0)}" for key, value in config.items()) + "\n"
+    return (
+        "\n".join(f"{json.dumps(key)}: {_value(value, 0)}" for key, value in config.items()) + "\n"
+    )
 
 
 def users(config: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:

