@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from stepwise.sample_site import SampleSite, serve_sample_site
+from stepwise_executor.settings import ExecutorSettings
 from stepwise_libs import events as ev
 from stepwise_libs.fold import SessionState, fold
 from stepwise_libs.jetstream import EventStore
@@ -27,6 +28,20 @@ def executor_home(tmp_path: Path) -> Path:
     home = tmp_path / "stepwise-home"
     home.mkdir()
     return home
+
+
+@pytest.fixture
+def make_settings(monkeypatch: pytest.MonkeyPatch, executor_home: Path) -> Callable[..., ExecutorSettings]:
+    """Build ExecutorSettings from the environment, with STEPWISE_HOME in the test's folder."""
+
+    def build(**env: str) -> ExecutorSettings:
+        monkeypatch.setenv("STEPWISE_HOME", str(executor_home))
+        monkeypatch.setenv("STEPWISE_STEP_TIMEOUT", "60")
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        return ExecutorSettings()
+
+    return build
 
 
 async def create_planned_session(

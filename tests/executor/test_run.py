@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import pytest
 from nats.aio.client import Client as NATS
 
 from stepwise.sample_site import SampleSite, sample_test_case
@@ -13,6 +9,7 @@ from stepwise_executor.browser import session_processes
 from stepwise_executor.session import LiveSession
 from stepwise_executor.settings import ExecutorSettings
 from stepwise_libs import subjects
+from stepwise_libs.events import Event
 from stepwise_libs.jetstream import EventStore
 
 from .conftest import create_planned_session
@@ -20,25 +17,22 @@ from .conftest import create_planned_session
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def make_settings(home: Path, step_timeout: float = 60.0) -> ExecutorSettings:
-    os.environ["STEPWISE_HOME"] = str(home)
-    os.environ["STEPWISE_STEP_TIMEOUT"] = str(step_timeout)
-    return ExecutorSettings()
-
-
-async def run_plan(nats_client: NATS, home: Path, test_case: str, target_url: str) -> tuple[LiveSession, list]:
+async def run_plan(
+    nats_client: NATS, settings: ExecutorSettings, test_case: str, target_url: str, model: str = "offline"
+) -> tuple[LiveSession, list[Event]]:
+    """Run a plan in-process to its end and return the live session and the session's events."""
     js = nats_client.jetstream()
     store = EventStore(js)
-    state = await create_planned_session(store, test_case, target_url)
-    live = LiveSession(js, store, make_settings(home), state)
+    state = await create_planned_session(store, test_case, target_url, model)
+    live = LiveSession(js, store, settings, state)
     live.start_execution("task-1", "command-1", "execution")
     assert live.task is not None
     await live.task
     return live, await store.read(state.session_id)
 
 
-async def test_checkout_passes_every_step(nats_client: NATS, sample_site: SampleSite, executor_home: Path) -> None:
-    live, events = await run_plan(nats_client, executor_home, sample_test_case("checkout"), sample_site.base_url)
+async def test_checkout_passes_every_step(nats_client: NATS, sample_site: SampleSite, make_settings) -> None:
+    live, events = await run_plan(nats_client, make_settings(), sample_test_case("checkout"), sample_site.base_url)
     types = [event.type for event in events]
     failures = [event.data for event in events if event.type == "step_failed"]
     assert failures == []
@@ -64,8 +58,8 @@ async def test_checkout_passes_every_step(nats_client: NATS, sample_site: Sample
     assert not live.browser.folder.exists()
 
 
-async def test_missing_text_fails_step(nats_client: NATS, sample_site: SampleSite, executor_home: Path) -> None:
-    live, events = await run_plan(nats_client, executor_home, sample_test_case("failing"), sample_site.base_url)
+async def test_missing_text_fails_step(nats_client: NATS, sample_site: SampleSite, make_settings) -> None:
+    live, events = await run_plan(nats_client, make_settings(), sample_test_case("failing"), sample_site.base_url)
     types = [event.type for event in events]
     assert types.count("step_completed") == 5
     failed = [event.data for event in events if event.type == "step_failed"]

@@ -15,6 +15,7 @@ from browser_use.llm.exceptions import ModelProviderError
 from browser_use.llm.google.chat import ChatGoogle
 from browser_use.llm.messages import BaseMessage
 from browser_use.llm.views import ChatInvokeCompletion
+from google.genai import errors as genai_errors
 from pydantic import BaseModel, ValidationError
 
 from .errors import INVALID_MODEL_OUTPUT, MODEL_ERROR, ModelCallError
@@ -55,9 +56,18 @@ def _is_invalid_output(error: ModelProviderError) -> bool:
     return error.message.startswith(("Failed to parse or validate response", "No response from model"))
 
 
+def _status_code(error: ModelProviderError) -> int:
+    # ChatGoogle (0.13.14) guesses the status of a google-genai error from its message and
+    # falls back to 502, so the status google-genai parsed from the response wins.
+    cause = error.__cause__
+    if isinstance(cause, genai_errors.APIError) and cause.code:
+        return int(cause.code)
+    return error.status_code
+
+
 def _is_transient(error: BaseException) -> bool:
     if isinstance(error, ModelProviderError):
-        return error.status_code in TRANSIENT_STATUS_CODES and not _is_invalid_output(error)
+        return _status_code(error) in TRANSIENT_STATUS_CODES and not _is_invalid_output(error)
     return isinstance(error, (httpx.TimeoutException, httpx.TransportError, ConnectionError, TimeoutError))
 
 
@@ -114,29 +124,30 @@ class RetryingChatModel(BaseChatModel):
                 return await self.inner.ainvoke(messages, output_format, **kwargs)
             except asyncio.CancelledError:
                 raise
-            except (ModelProviderError, ValidationError) as error:
-                if isinstance(error, ValidationError) or _is_invalid_output(error):
-                    invalid += 1
-                    if invalid > INVALID_OUTPUT_BUDGET:
-                        raise self._fail(
-                            f"the model returned invalid output {invalid} times in a row: {_text(error)}",
-                            INVALID_MODEL_OUTPUT,
-                        ) from error
-                    logger.warning("model output invalid, asking again", extra={"model": self.model, "attempt": invalid})
-                    continue
-                if not _is_transient(error) or retries >= MAX_RETRIES:
-                    raise self._fail(_failure_text(error, retries), MODEL_ERROR) from error
             except Exception as error:  # noqa: BLE001 - classified below, re-raised as ModelCallError
-                if not _is_transient(error) or retries >= MAX_RETRIES:
-                    raise self._fail(_failure_text(error, retries), MODEL_ERROR) from error
+                failure = error
+            if isinstance(failure, ValidationError) or (
+                isinstance(failure, ModelProviderError) and _is_invalid_output(failure)
+            ):
+                invalid += 1
+                if invalid > INVALID_OUTPUT_BUDGET:
+                    raise self._fail(
+                        f"the model returned invalid output {invalid} times in a row: {_text(failure)}",
+                        INVALID_MODEL_OUTPUT,
+                    ) from failure
+                logger.warning("model output invalid, asking again", extra={"model": self.model, "attempt": invalid})
+                continue
+            if not _is_transient(failure) or retries >= MAX_RETRIES:
+                raise self._fail(_failure_text(failure, retries), MODEL_ERROR) from failure
             retries += 1
             delay = retry_delay(retries)
             logger.warning(
-                "model call failed, retrying",
+                "model call failed, retrying: %s",
+                _text(failure),
                 extra={"model": self.model, "attempt": retries, "delay_seconds": round(delay, 2)},
             )
             if self.on_retry is not None:
-                await self.on_retry(retries, delay, _text(error))
+                await self.on_retry(retries, delay, _text(failure))
             await asyncio.sleep(delay)
 
     def _fail(self, message: str, category: str) -> ModelCallError:
@@ -146,7 +157,8 @@ class RetryingChatModel(BaseChatModel):
 
 def _text(error: BaseException) -> str:
     if isinstance(error, ModelProviderError):
-        return f"HTTP {error.status_code}: {error.message}"[:500]
+        # The message of a wrapped google-genai error starts with the real HTTP status.
+        return error.message[:500]
     return f"{type(error).__name__}: {error}"[:500]
 
 

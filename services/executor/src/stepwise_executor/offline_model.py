@@ -135,9 +135,12 @@ def find_element(page: PageState, target: str, kinds: str = "any") -> PageElemen
         lambda name: wanted in _fold(name),
     )
     for test in tests:
-        for element in candidates:
-            if any(test(name) for name in _element_names(element, page)):
-                return element
+        matches = [element for element in candidates if any(test(name) for name in _element_names(element, page))]
+        if matches:
+            # A wrapper's text includes its children's, so the most deeply nested match is the
+            # control itself (a link inside a clickable <span>); ties go to document order.
+            deepest = max(element.depth for element in matches)
+            return next(element for element in matches if element.depth == deepest)
     return None
 
 

@@ -6,9 +6,10 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from browser_use import Agent
+from browser_use import Agent, BrowserSession
 from nats.js import JetStreamContext
 
 from stepwise_libs import events as ev
@@ -65,6 +66,33 @@ def action_records(item: Any) -> list[ActionRecord]:
             )
         )
     return records
+
+
+def build_agent(
+    task: str, llm: Any, session: BrowserSession, folder: Path, step_timeout: float, use_vision: bool
+) -> Agent:
+    """Create the agent for one plan step or act-mode instruction in the session's browser."""
+    return Agent(
+        task=task,
+        llm=llm,
+        browser_session=session,
+        # No judge, planner or start-URL guessing: one step is one small task, and the
+        # model alone decides what happens (browser-use 0.13.14 options).
+        use_judge=False,
+        enable_planning=False,
+        directly_open_url=False,
+        enable_signal_handler=False,
+        use_vision=use_vision,
+        # One failure (after the model wrapper's own retries) ends the step, with no extra
+        # "final response" model call.
+        max_failures=1,
+        final_response_after_failure=False,
+        calculate_cost=False,
+        generate_gif=False,
+        llm_timeout=90,
+        step_timeout=int(step_timeout) + 5,
+        file_system_path=str(folder),
+    )
 
 
 class StepRunner:
@@ -155,22 +183,13 @@ class StepRunner:
                     ev.ActionExecuted(task_id=task_id, step_number=step_number, action=record), command_id
                 )
 
-        agent = Agent(
-            task=task,
-            llm=llm,
-            browser_session=session,
-            use_judge=False,
-            enable_signal_handler=False,
+        agent = build_agent(
+            task,
+            llm,
+            session,
+            self.browser.folder / "agent",
+            self.settings.step_timeout,
             use_vision=not is_offline(self.state.llm_model),
-            enable_planning=False,
-            directly_open_url=False,
-            max_failures=1,
-            final_response_after_failure=False,
-            calculate_cost=False,
-            generate_gif=False,
-            llm_timeout=90,
-            step_timeout=int(self.settings.step_timeout) + 5,
-            file_system_path=str(self.browser.folder / "agent"),
         )
         try:
             history = await asyncio.wait_for(
