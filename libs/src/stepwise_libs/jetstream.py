@@ -289,20 +289,29 @@ class EventStore:
         Runs until the caller stops iterating.
         """
         subject = subjects.session_events_subject(session_id)
-        position = await self.position_after(session_id, since)
-        if position is None:
-            last_position, _ = await self.last(session_id)
-            if last_position == 0:
-                info = await self._js.stream_info(subjects.EVENTS_STREAM)
-                last_position = info.state.last_seq
+        # The start position comes from one read of the tail, so an event appended while
+        # this runs has a higher position and is delivered, never skipped.
+        last_position, last_seq = await self.last(session_id)
+        if last_seq > since:
+            position = await self.position_after(session_id, since)
+        elif last_position:
             position = last_position + 1
+        else:
+            # The session has no events yet: deliver every message of its subject.
+            position = None
+        if position is None:
+            deliver = {"deliver_policy": api.DeliverPolicy.ALL}
+        else:
+            deliver = {
+                "deliver_policy": api.DeliverPolicy.BY_START_SEQUENCE,
+                "config": api.ConsumerConfig(opt_start_seq=position),
+            }
         subscription = await self._js.subscribe(
             subject,
             stream=subjects.EVENTS_STREAM,
             ordered_consumer=True,
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            config=api.ConsumerConfig(opt_start_seq=position),
             idle_heartbeat=5.0,
+            **deliver,
         )
         last_seen = since
         try:
