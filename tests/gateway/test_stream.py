@@ -149,8 +149,7 @@ async def test_slow_websocket_client_closed_with_4008(nats_server, gateway_datab
     )
     big = "x" * 200_000
     # A small fixed receive buffer (no autotuning), no compression and a client queue of one
-    # message, so a
-    # client that does not read soon fills TCP and then the gateway's outbox.
+    # message: a client that does not read soon fills TCP and then the gateway's outbox.
     raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32_768)
     raw.setblocking(False)
