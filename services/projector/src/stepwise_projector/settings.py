@@ -1,0 +1,43 @@
+"""Settings of the projector, read once from `STEPWISE_*` environment variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from stepwise_libs.settings import CommonSettings, SettingsError, env_float, env_int, env_str
+
+DATABASE_URL_PREFIX = "postgresql+asyncpg://"
+
+
+def _database_url() -> str:
+    value = env_str("STEPWISE_DATABASE_URL", "")
+    if not value:
+        raise SettingsError(
+            "STEPWISE_DATABASE_URL",
+            value,
+            f"a Postgres URL such as {DATABASE_URL_PREFIX}user@host/db",
+        )
+    if not value.startswith(DATABASE_URL_PREFIX):
+        raise SettingsError(
+            "STEPWISE_DATABASE_URL", value, f"a URL starting with {DATABASE_URL_PREFIX}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class ProjectorSettings(CommonSettings):
+    """Where the projector reads events from and writes read models to, and how it batches."""
+
+    database_url: str = field(default_factory=_database_url)
+    # Maximum number of events fetched, and written in one transaction.
+    batch_size: int = field(
+        default_factory=lambda: env_int("STEPWISE_PROJECTOR_BATCH_SIZE", 500, 1)
+    )
+    # Seconds one fetch waits for the first message before the loop checks for shutdown.
+    fetch_timeout: float = field(
+        default_factory=lambda: env_float("STEPWISE_PROJECTOR_FETCH_TIMEOUT", 1.0, 0.05)
+    )
+    # Longest pause, in seconds, between two attempts to reach an unavailable Postgres.
+    max_backoff: float = field(
+        default_factory=lambda: env_float("STEPWISE_PROJECTOR_MAX_BACKOFF", 10.0, 0.1)
+    )
