@@ -1,0 +1,75 @@
+"""The whole stack as `stepwise up` runs it: each service its own process, on embedded servers.
+
+One stack serves every end-to-end test of the run. Its nats-server and Postgres
+are its own (not the suite's shared ones), so the services' durable consumers
+see no other test's commands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from stepwise.sample_site import SampleSite, sample_test_case, serve_sample_site
+from stepwise.stack import Stack, StackConfig
+
+from .sessions import SessionRecord, run_test_case
+
+# Nothing in these tests may reach a real Gemini API: empty keys read as unset.
+OFFLINE_ENV = {
+    "GEMINI_API_KEY": "",
+    "GOOGLE_API_KEY": "",
+    "STEPWISE_DEFAULT_MODEL": "offline",
+    "ANONYMIZED_TELEMETRY": "false",
+    "BROWSER_USE_VERSION_CHECK": "false",
+}
+
+
+@dataclass
+class SampleRuns:
+    checkout: SessionRecord
+    failing: SessionRecord
+
+
+@pytest.fixture(scope="session")
+def e2e_site() -> Iterator[SampleSite]:
+    with serve_sample_site() as site:
+        yield site
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    config = StackConfig(
+        home=tmp_path_factory.mktemp("stack"),
+        port=0,
+        restart=False,
+        extra_env=dict(OFFLINE_ENV),
+    )
+    with Stack(config) as running:
+        yield running
+        # A service that died during the tests is a failure even if every test passed.
+        dead = {
+            name: service.process.returncode
+            for name, service in running.services.items()
+            if service.process is not None and service.process.poll() is not None
+        }
+        assert not dead, f"services exited during the tests (name: exit code): {dead}"
+
+
+@pytest.fixture
+async def gateway(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+async def sample_runs(stack: Stack, e2e_site: SampleSite) -> SampleRuns:
+    """Both bundled sample cases, run to their end once for the tests that inspect them."""
+    checkout = await run_test_case(
+        stack.gateway_url, sample_test_case("checkout"), e2e_site.base_url
+    )
+    failing = await run_test_case(stack.gateway_url, sample_test_case("failing"), e2e_site.base_url)
+    return SampleRuns(checkout=checkout, failing=failing)

@@ -1,0 +1,48 @@
+"""The read models equal a fold of the events stream, and a rebuild reproduces them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from support.readmodels import (
+    assert_read_models_match_stream,
+    dump,
+    read_model_snapshot,
+    wait_for_sessions,
+)
+
+from stepwise.stack import Stack, service_command
+
+from .conftest import SampleRuns
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+
+async def test_read_models_match_stream_and_rebuild(stack: Stack, sample_runs: SampleRuns) -> None:
+    runs = [sample_runs.checkout, sample_runs.failing]
+    await wait_for_sessions(stack.database_url, {run.session_id: run.last_seq for run in runs})
+
+    # What the running projector wrote equals a fold of the whole stream.
+    await assert_read_models_match_stream(stack.database_url, stack.nats_url)
+    before = await read_model_snapshot(stack.database_url)
+    assert {run.session_id for run in runs} <= {row["session_id"] for row in before["sessions"]}
+
+    # Rebuild with the projector stopped, so that only the rebuild writes.
+    stack.stop_service("projector")
+    try:
+        rebuild = await asyncio.create_subprocess_exec(
+            *service_command("projector"),
+            "rebuild",
+            env=stack.services["projector"].env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        async with asyncio.timeout(300):
+            output, _ = await rebuild.communicate()
+        assert rebuild.returncode == 0, output.decode(errors="replace")
+        after = await read_model_snapshot(stack.database_url)
+        assert after == before, f"rebuild changed the rows:\n{dump(before)}\n---\n{dump(after)}"
+        await assert_read_models_match_stream(stack.database_url, stack.nats_url)
+    finally:
+        stack.start_service("projector")
