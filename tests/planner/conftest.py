@@ -7,11 +7,11 @@ import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
+from planner_helpers import PlannerProcess
 from stepwise_libs.jetstream import EventStore
 
 from stepwise.embedded import EmbeddedNats
@@ -22,29 +22,6 @@ PLANNER_SCRIPT = Path(sys.executable).with_name("stepwise-planner")
 @pytest.fixture
 async def store(nats_client: NATS) -> AsyncIterator[EventStore]:
     yield EventStore(nats_client.jetstream())
-
-
-@dataclass
-class PlannerProcess:
-    """A `stepwise-planner` process and the log lines it wrote to stderr."""
-
-    process: subprocess.Popen[str]
-    lines: list[str] = field(default_factory=list)
-    ready: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        return self.process.returncode
 
 
 @pytest.fixture
@@ -74,7 +51,9 @@ def start_planner(nats_server: EmbeddedNats) -> Iterator[Callable[..., PlannerPr
         def read() -> None:
             assert process.stderr is not None
             for line in process.stderr:
-                planner.lines.append(line)
+                with planner.new_line:
+                    planner.lines.append(line)
+                    planner.new_line.notify_all()
                 if "service ready" in line:
                     planner.ready.set()
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import threading
+import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from stepwise_libs.events import Event, SessionCreated
 from stepwise_libs.jetstream import EventStore
@@ -51,3 +55,40 @@ async def wait_for_event(
 
 def is_plan_end(event: Event) -> bool:
     return event.type in ("plan_completed", "plan_failed", "command_rejected")
+
+
+@dataclass
+class PlannerProcess:
+    """A `stepwise-planner` process and the log lines it wrote to stderr."""
+
+    process: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+    ready: threading.Event = field(default_factory=threading.Event)
+    new_line: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for_log(self, text: str, timeout: float = 20.0) -> str:
+        """Return the first log line containing `text`, waiting at most `timeout` s for it."""
+        deadline = time.monotonic() + timeout
+        with self.new_line:
+            while True:
+                found = next((line for line in self.lines if text in line), None)
+                if found is not None:
+                    return found
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no log line with {text!r} in {timeout} s:\n{self.log}")
+                self.new_line.wait(remaining)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode

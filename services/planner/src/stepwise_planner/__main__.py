@@ -21,7 +21,6 @@ from .settings import PlannerSettings
 
 logger = logging.getLogger(__name__)
 
-ACK_WAIT_SECONDS = 30.0
 FILTER_SUBJECT = f"{subjects.PLANNER_COMMANDS}.*"
 
 
@@ -32,13 +31,17 @@ async def run(settings: PlannerSettings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
+    if settings.gemini_api_key is not None:
+        # Import google-genai (slow) before `service ready`, not during the first plan.
+        from . import gemini  # noqa: F401
+
     nc = await connect(settings.common.nats_url, "stepwise-planner")
     try:
         js = nc.jetstream()
         await ensure_topology(js, settings.common.stream_replicas)
-        await _ensure_consumer(js)
+        await _ensure_consumer(js, settings.ack_wait_seconds)
         store = EventStore(js)
-        service = PlannerService(store, settings, ack_wait_seconds=ACK_WAIT_SECONDS)
+        service = PlannerService(store, settings)
         consumer = asyncio.create_task(
             run_command_consumer(
                 js,
@@ -47,7 +50,7 @@ async def run(settings: PlannerSettings) -> None:
                 FILTER_SUBJECT,
                 service.handle,
                 stop,
-                ack_wait_seconds=ACK_WAIT_SECONDS,
+                ack_wait_seconds=settings.ack_wait_seconds,
             )
         )
         logger.info(
@@ -69,28 +72,34 @@ async def run(settings: PlannerSettings) -> None:
             await asyncio.wait_for(consumer, timeout=2.0)
         await service.drain(settings.shutdown_grace_seconds)
     finally:
-        with contextlib.suppress(Exception):
-            await nc.drain()
+        # Every ack and append was awaited above, so closing loses nothing. drain() would
+        # wait out its 30 s timeout on the consumer's pull subscription.
+        await nc.close()
     logger.info("service stopped")
 
 
-async def _ensure_consumer(js: JetStreamContext) -> None:
-    """Create the durable planner consumer up front, so `service ready` means commands flow."""
+async def _ensure_consumer(js: JetStreamContext, ack_wait_seconds: float) -> None:
+    """Create or update the durable planner consumer, so `service ready` means commands flow.
+
+    `run_command_consumer` binds to this consumer as it is, so its ack wait is set here.
+    """
+    config = api.ConsumerConfig(
+        durable_name=subjects.PLANNER_CONSUMER,
+        name=subjects.PLANNER_CONSUMER,
+        filter_subject=FILTER_SUBJECT,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=ack_wait_seconds,
+        max_deliver=-1,
+        max_ack_pending=1000,
+    )
     try:
-        await js.consumer_info(subjects.COMMANDS_STREAM, subjects.PLANNER_CONSUMER)
+        info = await js.consumer_info(subjects.COMMANDS_STREAM, subjects.PLANNER_CONSUMER)
     except NotFoundError:
-        await js.add_consumer(
-            subjects.COMMANDS_STREAM,
-            config=api.ConsumerConfig(
-                durable_name=subjects.PLANNER_CONSUMER,
-                name=subjects.PLANNER_CONSUMER,
-                filter_subject=FILTER_SUBJECT,
-                ack_policy=api.AckPolicy.EXPLICIT,
-                ack_wait=ACK_WAIT_SECONDS,
-                max_deliver=-1,
-                max_ack_pending=1000,
-            ),
-        )
+        await js.add_consumer(subjects.COMMANDS_STREAM, config=config)
+        return
+    if info.config.ack_wait != ack_wait_seconds:
+        # Creating a consumer that exists with an editable field changed updates it.
+        await js.add_consumer(subjects.COMMANDS_STREAM, config=config)
 
 
 def main() -> None:

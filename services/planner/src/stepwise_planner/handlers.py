@@ -40,7 +40,6 @@ from stepwise_libs.jetstream import EventStore
 from stepwise_libs.settings import OFFLINE_MODEL
 
 from .errors import PlanFailedError
-from .gemini import GeminiPlanModel
 from .models import OfflinePlanModel, PlanModel, PlanRequest, model_name_for
 from .settings import PlannerSettings
 
@@ -54,12 +53,10 @@ FINAL_EVENT_TYPES = frozenset({"plan_completed", "plan_failed", "command_rejecte
 class PlannerService:
     """Runs plan commands concurrently, at most `settings.concurrency` at a time."""
 
-    def __init__(
-        self, store: EventStore, settings: PlannerSettings, ack_wait_seconds: float = 30.0
-    ) -> None:
+    def __init__(self, store: EventStore, settings: PlannerSettings) -> None:
         self._store = store
         self._settings = settings
-        self._ack_wait_seconds = ack_wait_seconds
+        self._ack_wait_seconds = settings.ack_wait_seconds
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_progress: set[str] = set()
@@ -150,7 +147,7 @@ class PlannerService:
         """Generate the plan a command asks for and append its events, once per command."""
         session_id = command.session_id
         context = {"session_id": session_id, "command_id": command.command_id}
-        events = await self._store.read(session_id)
+        events = await read_session(self._store, session_id)
         own = [event for event in events if event.command_id == command.command_id]
         if any(event.type in FINAL_EVENT_TYPES for event in own):
             logger.info("command already handled; acknowledging it", extra=context)
@@ -242,7 +239,11 @@ class PlannerService:
                     f"Model {name} needs GEMINI_API_KEY (or GOOGLE_API_KEY), which the planner "
                     f"does not have. Set it for the planner, or use the model {OFFLINE_MODEL!r}.",
                 )
-            model = GeminiPlanModel(
+            # Imported here because google-genai takes seconds to import, which an offline
+            # planner need not pay at start.
+            from . import gemini
+
+            model = gemini.GeminiPlanModel(
                 name, api_key, self._settings.gemini_base_url, self._settings.retry
             )
         else:
@@ -253,6 +254,24 @@ class PlannerService:
             )
         self._models[name] = model
         return model
+
+
+async def read_session(store: EventStore, session_id: str) -> list[Event]:
+    """Return every stored event of a session.
+
+    The tail is closed explicitly: an abandoned tail keeps its JetStream
+    subscription open until garbage collection.
+    """
+    _, last_seq = await store.last(session_id)
+    events: list[Event] = []
+    if last_seq == 0:
+        return events
+    async with contextlib.aclosing(store.tail(session_id)) as tail:
+        async for event in tail:
+            events.append(event)
+            if event.seq >= last_seq:
+                break
+    return events
 
 
 def _rejection_reason(

@@ -40,6 +40,11 @@ class PlannerSettings:
             call_timeout_seconds=env_float("STEPWISE_MODEL_TIMEOUT", 60.0, 0.1),
         )
     )
+    # Seconds JetStream waits for an ack (or an in-progress mark) before it redelivers a
+    # command; also how soon another planner takes over the plan of one that died.
+    ack_wait_seconds: float = field(
+        default_factory=lambda: env_float("STEPWISE_PLANNER_ACK_WAIT_SECONDS", 30.0, 1.0)
+    )
     # Seconds a stopping planner waits for plans in progress before it abandons them to
     # redelivery.
     shutdown_grace_seconds: float = field(
