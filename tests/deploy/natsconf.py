@@ -1,20 +1,26 @@
-"""Turn the `config.merge` of deploy/nats/values.yaml into a nats-server config file.
+"""Render the NATS accounts of deploy/nats/values.yaml for a real nats-server.
 
-The NATS Helm chart writes `config.merge` into the server's config the same way: maps
+The NATS Helm chart turns `config.merge` into server config by the same rules. Maps
 become blocks, lists become arrays, and a string `<< $NAME >>` becomes the bare variable
 `$NAME`, which nats-server resolves from its environment.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
 from typing import Any
 
+import nats
 import yaml
+from nats.aio.client import Client as NATS
+
+from stepwise.embedded import EmbeddedNats
 
 REPO = Path(__file__).resolve().parents[2]
+SERVICES = ("gateway", "planner", "executor", "projector")
 VALUES = REPO / "deploy" / "nats" / "values.yaml"
 _VARIABLE = re.compile(r"^<<\s*(\$[A-Za-z_][A-Za-z0-9_]*)\s*>>$")
 
@@ -80,3 +86,43 @@ def may_publish(user: dict[str, Any], subject: str) -> bool:
     allowed = any(subject_matches(p, subject) for p in publish.get("allow", []))
     denied = any(subject_matches(p, subject) for p in publish.get("deny", []))
     return allowed and not denied
+
+
+class Violations:
+    """Collects the asynchronous permission errors the server sends to one client.
+
+    nats-py lower-cases the server's error text, so matching ignores case.
+    """
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.changed = asyncio.Event()
+
+    async def record(self, error: Exception) -> None:
+        self.messages.append(str(error))
+        self.changed.set()
+
+    async def wait_for(self, text: str, seconds: float = 5.0) -> str:
+        async def found() -> str:
+            while True:
+                for message in self.messages:
+                    if text.lower() in message.lower():
+                        return message
+                self.changed.clear()
+                await self.changed.wait()
+
+        return await asyncio.wait_for(found(), seconds)
+
+
+async def connect_as(
+    server: EmbeddedNats, user: str, password: str, violations: Violations
+) -> NATS:
+    return await nats.connect(
+        servers=[server.url],
+        user=user,
+        password=password,
+        name=f"test-{user}",
+        error_cb=violations.record,
+        allow_reconnect=False,
+        connect_timeout=5,
+    )

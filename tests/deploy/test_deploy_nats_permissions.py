@@ -8,91 +8,77 @@ belongs to another service. Above all, the planner cannot publish an executor co
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError
-from natsconf import merge_config, render, users
+from natsconf import (
+    SERVICES,
+    Violations,
+    connect_as,
+    may_publish,
+    merge_config,
+    render,
+    subject_matches,
+    users,
+)
 from stepwise_libs import subjects
 from stepwise_libs.events import SessionCreated
 from stepwise_libs.jetstream import EventStore, ensure_topology
 
 from stepwise.embedded import EmbeddedNats
 
-SERVICES = ("gateway", "planner", "executor", "projector")
 DENIED_WAIT = 3.0
 
 
-@pytest.fixture(scope="module")
-def passwords() -> dict[str, str]:
-    return {name: secrets.token_hex(16) for name in ("sys", *SERVICES)}
+# Who may publish what, read from values.yaml without a server.
+PUBLISH_TABLE = [
+    ("stepwise.cmd.planner.generate_plan", {"gateway"}),
+    ("stepwise.cmd.executor.x", {"gateway"}),
+    ("stepwise.cmd.executor.execute_plan", {"gateway"}),
+    ("stepwise.events.3f1c", {"gateway", "planner", "executor"}),
+    ("stepwise.executor.inbox.executor-0", {"executor"}),
+    ("$KV.stepwise_leases.3f1c", {"executor"}),
+    ("$O.stepwise_screenshots.C.abc", {"executor"}),
+    ("$JS.ACK.STEPWISE_COMMANDS.planner.1.2.3.4.5", {"planner"}),
+    ("$JS.ACK.STEPWISE_COMMANDS.executor.1.2.3.4.5", {"executor"}),
+    ("$JS.ACK.STEPWISE_EVENTS.projector.1.2.3.4.5", {"projector"}),
+    ("$JS.API.CONSUMER.MSG.NEXT.STEPWISE_COMMANDS.executor", {"executor"}),
+    ("$JS.API.STREAM.DELETE.STEPWISE_EVENTS", set()),
+    ("$JS.API.STREAM.PURGE.STEPWISE_EVENTS", set()),
+]
 
 
-@pytest.fixture(scope="module")
-def secured_nats(
-    tmp_path_factory: pytest.TempPathFactory, passwords: dict[str, str]
-) -> Iterator[EmbeddedNats]:
-    folder = tmp_path_factory.mktemp("nats-auth")
-    config = folder / "auth.conf"
-    config.write_text(render(merge_config()))
-    # The chart passes the passwords to nats-server as environment variables, and so does this test.
-    names = {f"{name.upper()}_PASSWORD": value for name, value in passwords.items()}
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update(names)
-    try:
-        server = EmbeddedNats(folder, extra_args=["-c", str(config)]).start()
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-    yield server
-    server.stop()
+@pytest.mark.parametrize(("subject", "publishers"), PUBLISH_TABLE)
+def test_values_publish_rights(subject: str, publishers: set[str]) -> None:
+    allowed = {name for name, user in users().items() if may_publish(user, subject)}
+    assert allowed == publishers, subject
 
 
-class Violations:
-    """Collects the asynchronous permission errors the server sends to one client.
-
-    nats-py lower-cases the server's error text, so matching ignores case.
-    """
-
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-        self.changed = asyncio.Event()
-
-    async def record(self, error: Exception) -> None:
-        self.messages.append(str(error))
-        self.changed.set()
-
-    async def wait_for(self, text: str, seconds: float = 5.0) -> str:
-        async def found() -> str:
-            while True:
-                for message in self.messages:
-                    if text.lower() in message.lower():
-                        return message
-                self.changed.clear()
-                await self.changed.wait()
-
-        return await asyncio.wait_for(found(), seconds)
+def test_values_planner_cannot_publish_executor_commands() -> None:
+    planner = users()["planner"]
+    assert not may_publish(planner, "stepwise.cmd.executor.x")
+    assert not may_publish(planner, "stepwise.cmd.executor.execute_plan")
+    assert may_publish(planner, "stepwise.events.3f1c")
 
 
-async def _connect(server: EmbeddedNats, user: str, password: str, violations: Violations) -> NATS:
-    return await nats.connect(
-        servers=[server.url],
-        user=user,
-        password=password,
-        name=f"test-{user}",
-        error_cb=violations.record,
-        allow_reconnect=False,
-        connect_timeout=5,
-    )
+@pytest.mark.parametrize(
+    ("pattern", "subject", "matches"),
+    [
+        ("stepwise.cmd.planner.*", "stepwise.cmd.planner.generate_plan", True),
+        ("stepwise.cmd.planner.*", "stepwise.cmd.executor.x", False),
+        ("stepwise.cmd.planner.*", "stepwise.cmd.planner.a.b", False),
+        ("$JS.ACK.STEPWISE_COMMANDS.planner.>", "$JS.ACK.STEPWISE_COMMANDS.planner.1", True),
+        ("$JS.ACK.STEPWISE_COMMANDS.planner.>", "$JS.ACK.STEPWISE_COMMANDS.planner", False),
+        ("a.b", "a.b.c", False),
+    ],
+)
+def test_subject_matching(pattern: str, subject: str, matches: bool) -> None:
+    assert subject_matches(pattern, subject) is matches
 
 
 @pytest.fixture
@@ -102,7 +88,10 @@ async def clients(
     opened: dict[str, tuple[NATS, Violations]] = {}
     for name in SERVICES:
         violations = Violations()
-        opened[name] = (await _connect(secured_nats, name, passwords[name], violations), violations)
+        opened[name] = (
+            await connect_as(secured_nats, name, passwords[name], violations),
+            violations,
+        )
     yield opened
     for client, _ in opened.values():
         await client.close()
@@ -110,7 +99,7 @@ async def clients(
 
 async def test_wrong_password_rejected(secured_nats: EmbeddedNats) -> None:
     with pytest.raises(Exception, match=r"(?i)authorization"):
-        await _connect(secured_nats, "planner", "not-the-password", Violations())
+        await connect_as(secured_nats, "planner", "not-the-password", Violations())
 
 
 @pytest.mark.parametrize("service", SERVICES)
