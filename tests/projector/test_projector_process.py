@@ -3,7 +3,6 @@ SIGKILL, skips malformed messages and rebuilds to identical rows."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import asyncpg

@@ -1,0 +1,165 @@
+"""Projector batches in process: the position guard, gap filling and cache misses."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from nats.aio.client import Client as NATS
+from projector_scenarios import append_sessions
+from sqlalchemy.ext.asyncio import AsyncEngine
+from stepwise_libs import subjects
+from stepwise_libs.jetstream import EventStore
+from stepwise_projector import database, schema
+from stepwise_projector.handlers import Record, decode_record
+from stepwise_projector.projection import Projector
+from support.readmodels import assert_read_models_match_stream, dump, read_model_snapshot
+
+from stepwise.embedded import EmbeddedNats
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    await asyncio.to_thread(schema.upgrade, database_url)
+    engine = database.create_engine(database_url)
+    yield engine
+    await engine.dispose()
+
+
+async def _stream_records(js_client: NATS) -> list[Record]:
+    """Return every message of the events stream as the consumer would deliver it."""
+    js = js_client.jetstream()
+    info = await js.stream_info(subjects.EVENTS_STREAM)
+    records = []
+    for position in range(1, info.state.last_seq + 1):
+        message = await js.get_msg(subjects.EVENTS_STREAM, seq=position, direct=True)
+        records.append(decode_record(message.subject or "", message.data, position))
+    return records
+
+
+async def test_reapplying_batch_changes_nothing(
+    engine: AsyncEngine,
+    store: EventStore,
+    js_client: NATS,
+    events_nats: EmbeddedNats,
+    database_url: str,
+) -> None:
+    # Arrange
+    await append_sessions(store)
+    records = await _stream_records(js_client)
+    projector = Projector(engine, js_client.jetstream())
+    first = await projector.apply(records[:60])
+    second = await projector.apply(records[60:])
+    before = await read_model_snapshot(database_url)
+
+    # Act: the same batches again, in order, out of order, and through a cold cache.
+    again = [
+        await projector.apply(records[:60]),
+        await projector.apply(records),
+        await projector.apply(records[30:90]),
+        await Projector(engine, js_client.jetstream()).apply(records[10:]),
+    ]
+    after = await read_model_snapshot(database_url)
+
+    # Assert
+    assert first.applied == 60
+    assert second.applied == len(records) - 60
+    assert second.position == len(records)
+    assert [result.applied for result in again] == [0, 0, 0, 0]
+    assert [result.position for result in again] == [len(records)] * 4
+    assert after == before, dump(after)
+    await assert_read_models_match_stream(database_url, events_nats.url)
+
+
+async def test_batch_fills_positions_missing_before_it(
+    engine: AsyncEngine,
+    store: EventStore,
+    js_client: NATS,
+    events_nats: EmbeddedNats,
+    database_url: str,
+) -> None:
+    # Arrange: a batch that starts 40 positions after the stored one, as after a
+    # crash when redelivered messages arrive after newer ones.
+    await append_sessions(store)
+    records = await _stream_records(js_client)
+    projector = Projector(engine, js_client.jetstream())
+    await projector.apply(records[:10])
+
+    # Act
+    result = await projector.apply(records[50:] + records[20:30])
+
+    # Assert
+    assert result.applied == len(records) - 10
+    assert result.position == len(records)
+    await assert_read_models_match_stream(database_url, events_nats.url)
+
+
+async def test_cold_cache_rebuilds_sessions_from_stream(
+    engine: AsyncEngine,
+    store: EventStore,
+    js_client: NATS,
+    events_nats: EmbeddedNats,
+    database_url: str,
+) -> None:
+    # Arrange: one projector applies the first half of every session's events.
+    await append_sessions(store)
+    records = await _stream_records(js_client)
+    half = len(records) // 2
+    await Projector(engine, js_client.jetstream()).apply(records[:half])
+
+    # Act: a new projector, with no cached state, applies the rest.
+    result = await Projector(engine, js_client.jetstream()).apply(records[half:])
+
+    # Assert
+    assert result.applied == len(records) - half
+    await assert_read_models_match_stream(database_url, events_nats.url)
+
+
+async def test_concurrent_projectors_serialize_on_position(
+    engine: AsyncEngine,
+    store: EventStore,
+    js_client: NATS,
+    events_nats: EmbeddedNats,
+    database_url: str,
+) -> None:
+    # Arrange
+    await append_sessions(store, rounds=2)
+    records = await _stream_records(js_client)
+    chunks = [records[start : start + 25] for start in range(0, len(records), 25)]
+    projectors = [Projector(engine, js_client.jetstream()) for _ in range(3)]
+
+    # Act: three projectors write interleaved chunks at the same time.
+    results = await asyncio.gather(
+        *(projectors[index % 3].apply(chunk) for index, chunk in enumerate(chunks))
+    )
+
+    # Assert: every position was applied exactly once, whoever applied it.
+    assert sum(result.applied for result in results) == len(records)
+    assert max(result.position for result in results) == len(records)
+    await assert_read_models_match_stream(database_url, events_nats.url)
+
+
+async def test_malformed_record_advances_position(
+    engine: AsyncEngine,
+    store: EventStore,
+    js_client: NATS,
+    events_nats: EmbeddedNats,
+    database_url: str,
+) -> None:
+    # Arrange
+    js = js_client.jetstream()
+    await append_sessions(store)
+    await js.publish(subjects.session_events_subject("rogue"), b"[1, 2, 3]")
+    records = await _stream_records(js_client)
+
+    # Act
+    result = await Projector(engine, js).apply(records)
+
+    # Assert
+    assert records[-1].event is None
+    assert result.position == len(records)
+    assert result.applied == len(records)
+    snapshot = await read_model_snapshot(database_url)
+    assert len(snapshot["events"]) == len(records) - 1
+    await assert_read_models_match_stream(database_url, events_nats.url)
