@@ -1,0 +1,142 @@
+"""Three nats-server processes clustered on loopback, with the accounts of values.yaml.
+
+This is the shape the NATS Helm chart runs in prod: a 3-node cluster with JetStream,
+and Stepwise's streams at 3 replicas (STEPWISE_STREAM_REPLICAS=3). Killing the node
+that leads the events stream loses no event, and appends go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.errors import APIError, ServiceUnavailableError
+from natsconf import merge_config, render
+from stepwise_libs import subjects
+from stepwise_libs.events import SessionCreated
+from stepwise_libs.jetstream import EventStore, ensure_topology
+
+from stepwise.embedded import EmbeddedNats, free_port
+
+NODES = 3
+REPLICAS = 3
+FORM_TIMEOUT = 60.0
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, passwords: dict[str, str]) -> Iterator[list[EmbeddedNats]]:
+    route_ports = [free_port() for _ in range(NODES)]
+    routes = ", ".join(f'"nats-route://127.0.0.1:{port}"' for port in route_ports)
+    accounts = render(merge_config())
+    names = {f"{name.upper()}_PASSWORD": value for name, value in passwords.items()}
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    nodes: list[EmbeddedNats] = []
+    try:
+        for index in range(NODES):
+            folder = tmp_path / f"n{index}"
+            folder.mkdir()
+            config = folder / "node.conf"
+            config.write_text(
+                f'server_name: "n{index}"\n'
+                f"cluster {{\n"
+                f'  name: "stepwise"\n'
+                f'  listen: "127.0.0.1:{route_ports[index]}"\n'
+                f"  routes: [{routes}]\n"
+                f"}}\n" + accounts
+            )
+            nodes.append(EmbeddedNats(folder, extra_args=["-c", str(config)]).start())
+        yield nodes
+    finally:
+        for node in nodes:
+            node.kill()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture
+async def gateway_client(
+    cluster: list[EmbeddedNats], passwords: dict[str, str]
+) -> AsyncIterator[NATS]:
+    client = await nats.connect(
+        servers=[node.url for node in cluster],
+        user="gateway",
+        password=passwords["gateway"],
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.2,
+        connect_timeout=5,
+    )
+    yield client
+    await client.close()
+
+
+async def _ensure_topology_when_formed(client: NATS) -> None:
+    """Retry until the cluster has elected a JetStream meta leader and takes the topology."""
+    async with asyncio.timeout(FORM_TIMEOUT):
+        while True:
+            try:
+                await ensure_topology(client.jetstream(), replicas=REPLICAS)
+                return
+            except (
+                ServiceUnavailableError,
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+            ):
+                await asyncio.sleep(0.2)
+            except APIError as error:
+                # "JetStream system temporarily unavailable" and "insufficient resources"
+                # come back while the nodes are still meeting each other.
+                if error.code not in (503, 500):
+                    raise
+                await asyncio.sleep(0.2)
+
+
+async def test_cluster_keeps_events_when_leader_dies(
+    cluster: list[EmbeddedNats], gateway_client: NATS
+) -> None:
+    await _ensure_topology_when_formed(gateway_client)
+    js = gateway_client.jetstream()
+    for stream in (subjects.EVENTS_STREAM, subjects.COMMANDS_STREAM):
+        info = await js.stream_info(stream)
+        assert info.config.num_replicas == REPLICAS, stream
+    for bucket in (subjects.CONTROL_BUCKET, subjects.LEASES_BUCKET):
+        status = await (await js.key_value(bucket)).status()
+        assert status.stream_info.config.num_replicas == REPLICAS, bucket
+
+    store = EventStore(js)
+    session_id = "cluster-session"
+    for _ in range(10):
+        await store.append(
+            session_id, SessionCreated(test_case="t", target_url="u", llm_model="offline")
+        )
+
+    # Kill the node that leads the events stream, the worst one to lose.
+    info = await js.stream_info(subjects.EVENTS_STREAM)
+    assert info.cluster is not None
+    leader = info.cluster.leader
+    [victim] = [node for node in cluster if node.log_path.parent.name == leader]
+    assert victim.process is not None
+    victim.process.send_signal(signal.SIGKILL)
+    victim.process.wait(10)
+
+    for _ in range(10):
+        await store.append(
+            session_id, SessionCreated(test_case="t", target_url="u", llm_model="offline")
+        )
+
+    events = await asyncio.wait_for(store.read(session_id), 30)
+    assert [event.seq for event in events] == list(range(1, 21))
+    assert len({event.id for event in events}) == 20
+    after = await js.stream_info(subjects.EVENTS_STREAM)
+    assert after.cluster is not None
+    assert after.cluster.leader != leader
+    assert after.state.messages == 20
