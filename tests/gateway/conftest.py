@@ -1,4 +1,8 @@
-"""A real gateway for the tests: uvicorn on a free loopback port, against the session's NATS and a fresh Postgres."""
+"""A real gateway for the tests.
+
+uvicorn serves it on a free loopback port, against the test run's nats-server and a
+fresh Postgres database.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,6 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from sqlalchemy.ext.asyncio import create_async_engine
-
 from stepwise.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from stepwise_gateway.app import create_app
 from stepwise_gateway.settings import GatewaySettings
@@ -42,7 +45,9 @@ class GatewayServer:
             ws_ping_timeout=settings.ws_ping_timeout,
         )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name=f"gateway-{settings.port}", daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, name=f"gateway-{settings.port}", daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -57,7 +62,9 @@ class GatewayServer:
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"gateway on port {self.settings.port} did not start in {timeout} s")
+                raise RuntimeError(
+                    f"gateway on port {self.settings.port} did not start in {timeout} s"
+                )
             time.sleep(0.02)
         return self
 
@@ -149,10 +156,14 @@ STEPS = ["Open the home page", 'Click "Cart"', 'Check that the page shows "Total
 
 async def build_session(store: EventStore, state: str) -> Built:
     """Append the events that put a new session into `state`, as planner and executor would."""
-    built = Built(session_id=str(uuid.uuid4()), task_id=str(uuid.uuid4()), plan_id=str(uuid.uuid4()))
+    built = Built(
+        session_id=str(uuid.uuid4()), task_id=str(uuid.uuid4()), plan_id=str(uuid.uuid4())
+    )
     sid, task, plan = built.session_id, built.task_id, built.plan_id
     payloads: list[ev.Payload] = [
-        ev.SessionCreated(test_case="\n".join(STEPS), target_url="http://127.0.0.1:9/", llm_model="offline")
+        ev.SessionCreated(
+            test_case="\n".join(STEPS), target_url="http://127.0.0.1:9/", llm_model="offline"
+        )
     ]
     if state != "created":
         payloads.append(ev.PlanStarted(plan_id=plan, model="offline"))
@@ -172,7 +183,9 @@ async def build_session(store: EventStore, state: str) -> Built:
         ]
     if state in ("paused", "stopped"):
         payloads += [
-            ev.StepCompleted(task_id=task, step_number=1, thinking="opened", screenshots=[f"{sid}/1/1.png"]),
+            ev.StepCompleted(
+                task_id=task, step_number=1, thinking="opened", screenshots=[f"{sid}/1/1.png"]
+            ),
             ev.ExecutionPaused(task_id=task, after_step=1),
         ]
     if state == "stopped":
@@ -185,7 +198,9 @@ async def build_session(store: EventStore, state: str) -> Built:
                 ev.StepCompleted(task_id=task, step_number=number),
             ]
         payloads += [
-            ev.ExecutionCompleted(task_id=task, passed=3, failed=0, skipped=0, total=3, success=True),
+            ev.ExecutionCompleted(
+                task_id=task, passed=3, failed=0, skipped=0, total=3, success=True
+            ),
             ev.BrowserClosed(reason="finished"),
         ]
     if state == "cancelled":
@@ -212,7 +227,10 @@ async def commands_for(js: JetStreamContext, session_id: str) -> list[tuple[str,
     while True:
         try:
             message = await js.get_msg(
-                subjects.COMMANDS_STREAM, seq=position, subject=f"{subjects.COMMANDS_PREFIX}.>", next=True
+                subjects.COMMANDS_STREAM,
+                seq=position,
+                subject=f"{subjects.COMMANDS_PREFIX}.>",
+                next=True,
             )
         except NotFoundError:
             return found

@@ -3,7 +3,6 @@ import json
 import httpx
 import pytest
 from nats.js import JetStreamContext
-
 from stepwise_libs import subjects
 from stepwise_libs.jetstream import EventStore
 
@@ -41,7 +40,10 @@ WRONG_STATES = [
     ("plan/continue", "cancelled", "session_cancelled"),
 ]
 
-BODIES = {"act": {"task": "close the cookie banner"}, "plan/continue": {"task_prompt": "now check out"}}
+BODIES = {
+    "act": {"task": "close the cookie banner"},
+    "plan/continue": {"task_prompt": "now check out"},
+}
 
 COMMAND_TYPES = {
     "start": "execute_plan",
@@ -59,7 +61,12 @@ COMMAND_TYPES = {
 
 @pytest.mark.parametrize(("path", "state", "code"), WRONG_STATES)
 async def test_control_in_wrong_state_is_409_and_recorded(
-    client: httpx.AsyncClient, store: EventStore, js: JetStreamContext, path: str, state: str, code: str
+    client: httpx.AsyncClient,
+    store: EventStore,
+    js: JetStreamContext,
+    path: str,
+    state: str,
+    code: str,
 ) -> None:
     built = await build_session(store, state)
 
@@ -72,7 +79,11 @@ async def test_control_in_wrong_state_is_409_and_recorded(
     assert error["message"]
     recorded = await rejections(store, built.session_id)
     assert len(recorded) == 1
-    assert recorded[0].data == {"command_type": COMMAND_TYPES[path], "reason": error["message"], "code": code}
+    assert recorded[0].data == {
+        "command_type": COMMAND_TYPES[path],
+        "reason": error["message"],
+        "code": code,
+    }
     assert await commands_for(js, built.session_id) == []
 
 
@@ -99,7 +110,12 @@ RIGHT_STATES = [
 
 @pytest.mark.parametrize(("path", "state", "same_task"), RIGHT_STATES)
 async def test_control_in_right_state_queues_command(
-    client: httpx.AsyncClient, store: EventStore, js: JetStreamContext, path: str, state: str, same_task: bool
+    client: httpx.AsyncClient,
+    store: EventStore,
+    js: JetStreamContext,
+    path: str,
+    state: str,
+    same_task: bool,
 ) -> None:
     built = await build_session(store, state)
 
@@ -134,9 +150,17 @@ async def test_control_in_right_state_queues_command(
     assert await rejections(store, built.session_id) == []
 
 
-@pytest.mark.parametrize(("path", "action", "state"), [("pause", "pause", "running"), ("task/cancel", "cancel", "paused")])
+@pytest.mark.parametrize(
+    ("path", "action", "state"),
+    [("pause", "pause", "running"), ("task/cancel", "cancel", "paused")],
+)
 async def test_pause_and_cancel_set_control_flag(
-    client: httpx.AsyncClient, store: EventStore, js: JetStreamContext, path: str, action: str, state: str
+    client: httpx.AsyncClient,
+    store: EventStore,
+    js: JetStreamContext,
+    path: str,
+    action: str,
+    state: str,
 ) -> None:
     built = await build_session(store, state)
 
@@ -193,7 +217,9 @@ async def test_idempotency_key_replays_after_work_started(
     assert len(await commands_for(js, built.session_id)) == 1
 
 
-async def test_idempotency_key_replays_rejection_once(client: httpx.AsyncClient, store: EventStore) -> None:
+async def test_idempotency_key_replays_rejection_once(
+    client: httpx.AsyncClient, store: EventStore
+) -> None:
     built = await build_session(store, "created")
     url = f"/api/sessions/{built.session_id}/start"
 
@@ -206,7 +232,9 @@ async def test_idempotency_key_replays_rejection_once(client: httpx.AsyncClient,
 
 
 @pytest.mark.parametrize("key", ["", "has space", "x" * 256, "ключ"])
-async def test_invalid_idempotency_key_is_422(client: httpx.AsyncClient, store: EventStore, key: str) -> None:
+async def test_invalid_idempotency_key_is_422(
+    client: httpx.AsyncClient, store: EventStore, key: str
+) -> None:
     built = await build_session(store, "plan_ready")
 
     response = await client.post(
@@ -238,12 +266,18 @@ async def test_control_body_is_validated(
     assert response.json()["error"]["field"] == field
 
 
-async def test_task_status_reports_current_task(client: httpx.AsyncClient, store: EventStore) -> None:
+async def test_task_status_reports_current_task(
+    client: httpx.AsyncClient, store: EventStore
+) -> None:
     built = await build_session(store, "blocked")
 
     response = await client.get(f"/api/sessions/{built.session_id}/task/status")
-    by_id = await client.get(f"/api/sessions/{built.session_id}/task/status", params={"task_id": built.plan_id})
-    missing = await client.get(f"/api/sessions/{built.session_id}/task/status", params={"task_id": "nope"})
+    by_id = await client.get(
+        f"/api/sessions/{built.session_id}/task/status", params={"task_id": built.plan_id}
+    )
+    missing = await client.get(
+        f"/api/sessions/{built.session_id}/task/status", params={"task_id": "nope"}
+    )
 
     assert response.status_code == 200
     assert response.json() == {

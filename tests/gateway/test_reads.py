@@ -4,12 +4,10 @@ import uuid
 import zlib
 
 import httpx
-import pytest
 import websockets
 from nats.js import JetStreamContext
 from sqlalchemy import delete, insert, text
 from sqlalchemy.ext.asyncio import create_async_engine
-
 from stepwise.embedded import EmbeddedNats, free_port
 from stepwise_libs import events as ev
 from stepwise_libs import readmodel, subjects
@@ -23,14 +21,23 @@ def png(width: int = 2, height: int = 2) -> bytes:
     """Return a real RGB PNG of the given size."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     rows = b"".join(b"\x00" + b"\xff\x00\x00" * width for _ in range(height))
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
-async def project(database_url: str, store: EventStore, session_id: str, notify: bool = True) -> int:
+async def project(
+    database_url: str, store: EventStore, session_id: str, notify: bool = True
+) -> int:
     """Write the session's read-model rows as the projector does; return the seq they reach."""
     state = fold(session_id, await store.read(session_id))
     engine = create_async_engine(database_url)
@@ -57,10 +64,13 @@ async def test_screenshot_served_from_object_store(
     objects = await js.object_store(subjects.SCREENSHOTS_BUCKET)
     await objects.put(subjects.screenshot_object_name(built.session_id, 1, 1), image)
 
-    full = await client.get(f"/api/sessions/{built.session_id}/screenshots/{built.session_id}/1/1.png")
+    full = await client.get(
+        f"/api/sessions/{built.session_id}/screenshots/{built.session_id}/1/1.png"
+    )
     short = await client.get(f"/api/sessions/{built.session_id}/screenshots/1/1.png")
     cached = await client.get(
-        f"/api/sessions/{built.session_id}/screenshots/1/1.png", headers={"If-None-Match": full.headers["etag"]}
+        f"/api/sessions/{built.session_id}/screenshots/1/1.png",
+        headers={"If-None-Match": full.headers["etag"]},
     )
 
     assert full.status_code == 200
@@ -122,7 +132,9 @@ async def test_session_detail_from_read_model(
     assert body["current_task"]["task_type"] == "execution"
 
 
-async def test_session_detail_falls_back_to_stream(client: httpx.AsyncClient, store: EventStore) -> None:
+async def test_session_detail_falls_back_to_stream(
+    client: httpx.AsyncClient, store: EventStore
+) -> None:
     built = await build_session(store, "plan_ready")
 
     response = await client.get(f"/api/sessions/{built.session_id}")
@@ -156,7 +168,9 @@ async def test_wait_for_seq_returns_once_projected(
 async def test_list_sessions_newest_first_with_filter(
     client: httpx.AsyncClient, store: EventStore, gateway_database: str
 ) -> None:
-    built = [await build_session(store, state) for state in ("created", "paused", "completed", "paused")]
+    built = [
+        await build_session(store, state) for state in ("created", "paused", "completed", "paused")
+    ]
     for session in built:
         await project(gateway_database, store, session.session_id)
     ours = {session.session_id for session in built}
@@ -164,14 +178,20 @@ async def test_list_sessions_newest_first_with_filter(
     everything = await client.get("/api/sessions", params={"limit": 500})
     paused = await client.get("/api/sessions", params={"status": "paused", "limit": 500})
     first_page = await client.get("/api/sessions", params={"limit": 2})
-    second_page = await client.get("/api/sessions", params={"limit": 2, "cursor": first_page.json()["next_cursor"]})
+    second_page = await client.get(
+        "/api/sessions", params={"limit": 2, "cursor": first_page.json()["next_cursor"]}
+    )
     offset_page = await client.get("/api/sessions", params={"limit": 2, "offset": 2})
     bad_status = await client.get("/api/sessions", params={"status": "sleeping"})
     bad_cursor = await client.get("/api/sessions", params={"cursor": "???"})
 
-    listed = [row["session_id"] for row in everything.json()["sessions"] if row["session_id"] in ours]
+    listed = [
+        row["session_id"] for row in everything.json()["sessions"] if row["session_id"] in ours
+    ]
     assert listed == [session.session_id for session in reversed(built)]
-    paused_ids = [row["session_id"] for row in paused.json()["sessions"] if row["session_id"] in ours]
+    paused_ids = [
+        row["session_id"] for row in paused.json()["sessions"] if row["session_id"] in ours
+    ]
     assert paused_ids == [built[3].session_id, built[1].session_id]
     assert all(row["status"] == "paused" for row in paused.json()["sessions"])
     all_ids = [row["session_id"] for row in everything.json()["sessions"]]
@@ -184,7 +204,9 @@ async def test_list_sessions_newest_first_with_filter(
     assert bad_cursor.json()["error"]["field"] == "cursor"
 
 
-async def test_postgres_down_is_503_and_websocket_works(nats_server: EmbeddedNats, store: EventStore) -> None:
+async def test_postgres_down_is_503_and_websocket_works(
+    nats_server: EmbeddedNats, store: EventStore
+) -> None:
     unreachable = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/nothing"
     server = GatewayServer(gateway_settings(nats_server.url, unreachable)).start()
     built = await build_session(store, "plan_ready")
@@ -195,9 +217,12 @@ async def test_postgres_down_is_503_and_websocket_works(nats_server: EmbeddedNat
             detail = await http.get(f"/api/sessions/{built.session_id}")
             ready = await http.get("/readyz")
             created = await http.post(
-                "/api/sessions", json={"test_case": "Open the page", "target_url": "http://127.0.0.1:9/"}
+                "/api/sessions",
+                json={"test_case": "Open the page", "target_url": "http://127.0.0.1:9/"},
             )
-        async with websockets.connect(f"{server.ws_url}/api/sessions/{built.session_id}/ws") as socket:
+        async with websockets.connect(
+            f"{server.ws_url}/api/sessions/{built.session_id}/ws"
+        ) as socket:
             first = await asyncio.wait_for(socket.recv(), 10)
     finally:
         server.stop()
@@ -213,11 +238,14 @@ async def test_postgres_down_is_503_and_websocket_works(nats_server: EmbeddedNat
 
 
 async def test_nats_down_is_503(gateway_database: str) -> None:
-    server = GatewayServer(gateway_settings(f"nats://127.0.0.1:{free_port()}", gateway_database)).start()
+    server = GatewayServer(
+        gateway_settings(f"nats://127.0.0.1:{free_port()}", gateway_database)
+    ).start()
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
             created = await http.post(
-                "/api/sessions", json={"test_case": "Open the page", "target_url": "http://127.0.0.1:9/"}
+                "/api/sessions",
+                json={"test_case": "Open the page", "target_url": "http://127.0.0.1:9/"},
             )
             start = await http.post(f"/api/sessions/{uuid.uuid4()}/start")
             ready = await http.get("/readyz")
@@ -244,11 +272,22 @@ async def test_health_and_openapi(client: httpx.AsyncClient) -> None:
     assert health.json() == {"status": "ok"}
     assert ready.json() == {"status": "ready", "nats": "ok", "database": "ok"}
     schemas = spec["components"]["schemas"]
-    for name in ["CreateSessionRequest", "SessionCreatedResponse", "SessionDetail", "QueuedResponse", "EventList", "ErrorResponse"]:
+    for name in [
+        "CreateSessionRequest",
+        "SessionCreatedResponse",
+        "SessionDetail",
+        "QueuedResponse",
+        "EventList",
+        "ErrorResponse",
+    ]:
         assert name in schemas, name
     create = spec["paths"]["/api/sessions"]["post"]
-    assert create["responses"]["201"]["content"]["application/json"]["schema"]["$ref"].endswith("SessionCreatedResponse")
-    assert create["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
+    assert create["responses"]["201"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "SessionCreatedResponse"
+    )
+    assert create["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "ErrorResponse"
+    )
     start = spec["paths"]["/api/sessions/{session_id}/start"]["post"]
     assert "409" in start["responses"]
     assert any(parameter["name"] == "Idempotency-Key" for parameter in start["parameters"])

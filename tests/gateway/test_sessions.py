@@ -1,13 +1,15 @@
 import httpx
 import pytest
 from nats.js import JetStreamContext
-
 from stepwise_libs import subjects
 from stepwise_libs.jetstream import EventStore
 
 from .conftest import GatewayServer, commands_for, gateway_settings
 
-VALID = {"test_case": "1. Open the home page\n2. Click \"Cart\"", "target_url": "http://127.0.0.1:8123/shop"}
+VALID = {
+    "test_case": '1. Open the home page\n2. Click "Cart"',
+    "target_url": "http://127.0.0.1:8123/shop",
+}
 
 
 async def test_create_session_appends_event_and_queues_plan(
@@ -84,12 +86,18 @@ async def test_create_session_rejects_malformed_json(client: httpx.AsyncClient) 
     assert response.json()["error"]["code"] == "invalid_json"
 
 
-async def test_create_session_accepts_gemini_with_key(nats_server, gateway_database, store: EventStore) -> None:
-    server = GatewayServer(gateway_settings(nats_server.url, gateway_database, gemini_configured=True)).start()
+async def test_create_session_accepts_gemini_with_key(
+    nats_server, gateway_database, store: EventStore
+) -> None:
+    server = GatewayServer(
+        gateway_settings(nats_server.url, gateway_database, gemini_configured=True)
+    ).start()
     try:
         server.wait_nats()
         async with httpx.AsyncClient(base_url=server.url) as http:
-            response = await http.post("/api/sessions", json=VALID | {"llm_model": "gemini-2.5-flash"})
+            response = await http.post(
+                "/api/sessions", json=VALID | {"llm_model": "gemini-2.5-flash"}
+            )
     finally:
         server.stop()
 

@@ -7,17 +7,18 @@ from datetime import datetime, timedelta
 import httpx
 import pytest
 import websockets
-from websockets.asyncio.client import ClientConnection
-
 from stepwise_libs import events as ev
 from stepwise_libs.jetstream import EventStore
+from websockets.asyncio.client import ClientConnection
 
 from .conftest import GatewayServer, build_session, gateway_settings
 
 RECEIVE_TIMEOUT = 10.0
 
 
-async def append_progress(store: EventStore, session_id: str, count: int, tag: str = "p") -> list[ev.Event]:
+async def append_progress(
+    store: EventStore, session_id: str, count: int, tag: str = "p"
+) -> list[ev.Event]:
     return [
         await store.append(session_id, ev.PlanProgress(plan_id=tag, message=f"{tag}{index}"))
         for index in range(count)
@@ -39,7 +40,9 @@ async def test_websocket_sends_events_after_since_then_live(
     session_id = str(uuid.uuid4())
     stored = await append_progress(store, session_id, 12)
 
-    async with websockets.connect(f"{gateway.ws_url}/api/sessions/{session_id}/ws?since={since}") as socket:
+    async with websockets.connect(
+        f"{gateway.ws_url}/api/sessions/{session_id}/ws?since={since}"
+    ) as socket:
         replayed = await receive_events(socket, 12 - since)
         live = await append_progress(store, session_id, 3, tag="live")
         # A marker event after the live ones proves nothing was sent twice in between.
@@ -64,10 +67,14 @@ async def test_websocket_unknown_session_closes_4404(gateway: GatewayServer) -> 
     assert closed.value.rcvd.code == 4404
 
 
-async def test_websocket_invalid_since_closes_4422(gateway: GatewayServer, store: EventStore) -> None:
+async def test_websocket_invalid_since_closes_4422(
+    gateway: GatewayServer, store: EventStore
+) -> None:
     built = await build_session(store, "created")
 
-    async with websockets.connect(f"{gateway.ws_url}/api/sessions/{built.session_id}/ws?since=-3") as socket:
+    async with websockets.connect(
+        f"{gateway.ws_url}/api/sessions/{built.session_id}/ws?since=-3"
+    ) as socket:
         with pytest.raises(websockets.ConnectionClosed) as closed:
             await asyncio.wait_for(socket.recv(), RECEIVE_TIMEOUT)
 
@@ -75,7 +82,9 @@ async def test_websocket_invalid_since_closes_4422(gateway: GatewayServer, store
     assert closed.value.rcvd.code == 4422
 
 
-async def test_websocket_commands_answered_on_socket(gateway: GatewayServer, store: EventStore) -> None:
+async def test_websocket_commands_answered_on_socket(
+    gateway: GatewayServer, store: EventStore
+) -> None:
     built = await build_session(store, "plan_ready")
     url = f"{gateway.ws_url}/api/sessions/{built.session_id}/ws?since={len(built.events)}"
 
@@ -141,11 +150,16 @@ async def test_websocket_command_reply_types(
     assert answer["status"] == "queued"
 
 
-async def test_slow_websocket_client_closed_with_4008(nats_server, gateway_database, store: EventStore) -> None:
-    server = GatewayServer(gateway_settings(nats_server.url, gateway_database, client_buffer=4)).start()
+async def test_slow_websocket_client_closed_with_4008(
+    nats_server, gateway_database, store: EventStore
+) -> None:
+    server = GatewayServer(
+        gateway_settings(nats_server.url, gateway_database, client_buffer=4)
+    ).start()
     session_id = str(uuid.uuid4())
     await store.append(
-        session_id, ev.SessionCreated(test_case="t", target_url="http://127.0.0.1:9/", llm_model="offline")
+        session_id,
+        ev.SessionCreated(test_case="t", target_url="http://127.0.0.1:9/", llm_model="offline"),
     )
     big = "x" * 200_000
     # A small fixed receive buffer (no autotuning), no compression and a client queue of one
@@ -155,16 +169,26 @@ async def test_slow_websocket_client_closed_with_4008(nats_server, gateway_datab
     raw.setblocking(False)
     try:
         server.wait_nats()
-        await asyncio.get_running_loop().sock_connect(raw, (server.settings.host, server.settings.port))
+        await asyncio.get_running_loop().sock_connect(
+            raw, (server.settings.host, server.settings.port)
+        )
         async with websockets.connect(
-            f"{server.ws_url}/api/sessions/{session_id}/ws", sock=raw, max_queue=1, max_size=None, compression=None
+            f"{server.ws_url}/api/sessions/{session_id}/ws",
+            sock=raw,
+            max_queue=1,
+            max_size=None,
+            compression=None,
         ) as client_socket:
             for index in range(80):
-                await store.append(session_id, ev.PlanProgress(plan_id="p", message=f"{index}{big}"))
+                await store.append(
+                    session_id, ev.PlanProgress(plan_id="p", message=f"{index}{big}")
+                )
             seqs = []
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 while True:
-                    message = json.loads(await asyncio.wait_for(client_socket.recv(), RECEIVE_TIMEOUT))
+                    message = json.loads(
+                        await asyncio.wait_for(client_socket.recv(), RECEIVE_TIMEOUT)
+                    )
                     seqs.append(message["seq"])
     finally:
         server.stop()
@@ -181,7 +205,9 @@ async def test_events_rest_since_and_limit(client: httpx.AsyncClient, store: Eve
     stored = await append_progress(store, session_id, 9)
 
     page = await client.get(f"/api/sessions/{session_id}/events", params={"since": 2, "limit": 4})
-    rest = await client.get(f"/api/sessions/{session_id}/events", params={"since": page.json()["next_since"]})
+    rest = await client.get(
+        f"/api/sessions/{session_id}/events", params={"since": page.json()["next_since"]}
+    )
     empty = await client.get(f"/api/sessions/{session_id}/events", params={"since": 9})
 
     assert page.status_code == 200
@@ -199,15 +225,23 @@ async def test_events_rest_since_time(client: httpx.AsyncClient, store: EventSto
     stored = await append_progress(store, session_id, 6)
     cut = stored[3].at
 
-    after = await client.get(f"/api/sessions/{session_id}/events", params={"since_time": cut.isoformat()})
+    after = await client.get(
+        f"/api/sessions/{session_id}/events", params={"since_time": cut.isoformat()}
+    )
     shifted = cut.astimezone(datetime.now().astimezone().tzinfo).isoformat()
-    after_local = await client.get(f"/api/sessions/{session_id}/events", params={"since_time": shifted})
+    after_local = await client.get(
+        f"/api/sessions/{session_id}/events", params={"since_time": shifted}
+    )
     limited = await client.get(
         f"/api/sessions/{session_id}/events",
         params={"since_time": (cut - timedelta(days=1)).isoformat(), "limit": 2},
     )
-    naive = await client.get(f"/api/sessions/{session_id}/events", params={"since_time": "2026-01-01T00:00:00"})
-    garbage = await client.get(f"/api/sessions/{session_id}/events", params={"since_time": "yesterday"})
+    naive = await client.get(
+        f"/api/sessions/{session_id}/events", params={"since_time": "2026-01-01T00:00:00"}
+    )
+    garbage = await client.get(
+        f"/api/sessions/{session_id}/events", params={"since_time": "yesterday"}
+    )
 
     assert [event["seq"] for event in after.json()["events"]] == [5, 6]
     assert [event["seq"] for event in after_local.json()["events"]] == [5, 6]
@@ -218,7 +252,10 @@ async def test_events_rest_since_time(client: httpx.AsyncClient, store: EventSto
     assert garbage.json()["error"]["field"] == "since_time"
 
 
-@pytest.mark.parametrize(("params", "field"), [({"since": -1}, "since"), ({"limit": 0}, "limit"), ({"limit": "many"}, "limit")])
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [({"since": -1}, "since"), ({"limit": 0}, "limit"), ({"limit": "many"}, "limit")],
+)
 async def test_events_rest_rejects_bad_query(
     client: httpx.AsyncClient, store: EventStore, params: dict, field: str
 ) -> None:
@@ -230,14 +267,19 @@ async def test_events_rest_rejects_bad_query(
     assert response.json()["error"]["field"] == field
 
 
-async def test_sse_resumes_after_last_event_id(client: httpx.AsyncClient, store: EventStore) -> None:
+async def test_sse_resumes_after_last_event_id(
+    client: httpx.AsyncClient, store: EventStore
+) -> None:
     session_id = str(uuid.uuid4())
     await append_progress(store, session_id, 5)
     frames: list[dict] = []
 
     async def read() -> None:
         async with client.stream(
-            "GET", f"/api/sessions/{session_id}/stream", params={"since": 1}, headers={"Last-Event-ID": "3"}
+            "GET",
+            f"/api/sessions/{session_id}/stream",
+            params={"since": 1},
+            headers={"Last-Event-ID": "3"},
         ) as response:
             assert response.headers["content-type"].startswith("text/event-stream")
             frame: dict = {}
@@ -257,5 +299,9 @@ async def test_sse_resumes_after_last_event_id(client: httpx.AsyncClient, store:
     await asyncio.wait_for(reader, RECEIVE_TIMEOUT)
 
     assert [frame["id"] for frame in frames] == ["4", "5", "6"]
-    assert [frame["event"] for frame in frames] == ["plan_progress", "plan_progress", "browser_closed"]
+    assert [frame["event"] for frame in frames] == [
+        "plan_progress",
+        "plan_progress",
+        "browser_closed",
+    ]
     assert json.loads(frames[2]["data"])["data"] == {"reason": "live"}

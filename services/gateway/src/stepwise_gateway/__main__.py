@@ -6,7 +6,6 @@ import logging
 import sys
 
 import uvicorn
-
 from stepwise_libs.logs import configure_logging
 from stepwise_libs.settings import SettingsError
 

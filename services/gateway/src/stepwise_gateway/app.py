@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from .errors import install_error_handlers
-from .routes import controls, health, screenshots, sessions, stream
+from .routes import controls, health, screenshots, sessions, stream, ui
 from .runtime import Runtime
 from .settings import GatewaySettings
 
@@ -42,8 +42,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         finally:
             await runtime.stop()
 
-    app = FastAPI(title="Stepwise gateway", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="Stepwise gateway", version="0.1.0", description=DESCRIPTION, lifespan=lifespan
+    )
     install_error_handlers(app)
     for module in (health, sessions, controls, stream, screenshots):
         app.include_router(module.router)
+    app.include_router(ui.router)
     return app

@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nats.js import JetStreamContext
-
 from stepwise_libs import commands as cmd
 from stepwise_libs import fold as states
 from stepwise_libs import subjects
@@ -78,7 +77,10 @@ def load_state(events: list[Event], session_id: str) -> SessionState:
 
 def _not_cancelled(state: SessionState) -> None:
     if state.status == states.CANCELLED:
-        raise Rejection("the session is cancelled and takes no more commands; create a new session", "session_cancelled")
+        raise Rejection(
+            "the session is cancelled and takes no more commands; create a new session",
+            "session_cancelled",
+        )
 
 
 def _plan_exists(state: SessionState) -> None:
@@ -91,8 +93,14 @@ def _plan_exists(state: SessionState) -> None:
         )
     failed = next((plan for plan in reversed(state.plans) if plan.status == "failed"), None)
     if failed is not None:
-        raise Rejection(f"the plan could not be generated: {failed.error}; create a new session", "plan_not_ready")
-    raise Rejection("the session has no plan steps to run; create a new session with a test case", "plan_not_ready")
+        raise Rejection(
+            f"the plan could not be generated: {failed.error}; create a new session",
+            "plan_not_ready",
+        )
+    raise Rejection(
+        "the session has no plan steps to run; create a new session with a test case",
+        "plan_not_ready",
+    )
 
 
 def _act_running(state: SessionState) -> bool:
@@ -102,25 +110,34 @@ def _act_running(state: SessionState) -> bool:
 
 def _no_act_running(state: SessionState) -> None:
     if _act_running(state):
-        raise Rejection("an act instruction is still running; wait for act_mode_completed or act_mode_failed", "busy")
+        raise Rejection(
+            "an act instruction is still running; wait for act_mode_completed or act_mode_failed",
+            "busy",
+        )
 
 
 def _not_blocked(state: SessionState) -> None:
     if state.blocked_step is not None and state.status == states.PAUSED:
         raise Rejection(
-            f"run till end is paused on failed step {state.blocked_step}; send retry-step or skip-step",
+            f"run till end is paused on failed step {state.blocked_step}; "
+            "send retry-step or skip-step",
             "step_blocked",
         )
 
 
 def _steps_remain(state: SessionState) -> None:
     if state.next_step is None:
-        raise Rejection("every step has already passed or been skipped; nothing is left to run", "nothing_to_run")
+        raise Rejection(
+            "every step has already passed or been skipped; nothing is left to run",
+            "nothing_to_run",
+        )
 
 
 def _running(state: SessionState) -> None:
     if state.status == states.RUNNING:
-        raise Rejection("the session is already running; pause it or wait for it to finish", "already_running")
+        raise Rejection(
+            "the session is already running; pause it or wait for it to finish", "already_running"
+        )
 
 
 def check_start(state: SessionState) -> None:
@@ -146,7 +163,9 @@ def check_run_till_end(state: SessionState) -> None:
 def check_pause(state: SessionState) -> None:
     _not_cancelled(state)
     if state.status != states.RUNNING:
-        raise Rejection(f"the session is {state.status}, not running; there is nothing to pause", "not_running")
+        raise Rejection(
+            f"the session is {state.status}, not running; there is nothing to pause", "not_running"
+        )
 
 
 def check_continue(state: SessionState) -> None:
@@ -176,10 +195,14 @@ ACT_STATUSES = (
 def check_act(state: SessionState) -> None:
     _not_cancelled(state)
     if state.status == states.RUNNING:
-        raise Rejection("the session is running; pause it before sending an act instruction", "already_running")
+        raise Rejection(
+            "the session is running; pause it before sending an act instruction", "already_running"
+        )
     _plan_exists(state)
     if state.status not in ACT_STATUSES:
-        raise Rejection(f"the session is {state.status}; act runs on a paused or plan_ready session")
+        raise Rejection(
+            f"the session is {state.status}; act runs on a paused or plan_ready session"
+        )
     _no_act_running(state)
 
 
@@ -195,7 +218,9 @@ def check_blocked_step(state: SessionState) -> None:
 
 
 def _work_in_progress(state: SessionState) -> bool:
-    return state.browser_open or any(task.status in ("queued", RUNNING_TASK) for task in state.tasks.values())
+    return state.browser_open or any(
+        task.status in ("queued", RUNNING_TASK) for task in state.tasks.values()
+    )
 
 
 def check_cancel(state: SessionState) -> None:
@@ -204,7 +229,8 @@ def check_cancel(state: SessionState) -> None:
         return
     if not _work_in_progress(state):
         raise Rejection(
-            f"the session is {state.status} with no work in progress and no open browser; nothing to cancel",
+            f"the session is {state.status} with no work in progress and no open browser; "
+            "nothing to cancel",
             "nothing_to_cancel",
         )
 
@@ -238,7 +264,13 @@ CONTROLS: dict[str, Control] = {
         Control("skip_step", "skip_step", "skip_step_queued", check_blocked_step),
         Control("cancel", "cancel_task", "cancel_queued", check_cancel, flag="cancel"),
         Control("stop", "stop_all", "stop_all_queued", check_stop),
-        Control("continue_plan", "continue_plan", "plan_continuation_queued", check_continue_plan, planner=True),
+        Control(
+            "continue_plan",
+            "continue_plan",
+            "plan_continuation_queued",
+            check_continue_plan,
+            planner=True,
+        ),
     )
 }
 
@@ -247,19 +279,26 @@ def command_id_for(session_id: str, command_type: str, idempotency_key: str | No
     """Return a fresh command id, or one derived from the Idempotency-Key so a repeat reuses it."""
     if idempotency_key is None:
         return str(uuid.uuid4())
-    return str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{session_id}\n{command_type}\n{idempotency_key}"))
+    return str(
+        uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{session_id}\n{command_type}\n{idempotency_key}")
+    )
 
 
 def _task_id(control: Control, state: SessionState, command_id: str) -> str:
     """Return the task the command belongs to: the current run for follow-ups, else a new one."""
     task = state.current_task
-    if control.name in ("continue", "retry_step", "skip_step", "pause", "cancel", "stop") and task is not None:
+    if (
+        control.name in ("continue", "retry_step", "skip_step", "pause", "cancel", "stop")
+        and task is not None
+    ):
         if control.name in ("cancel", "stop") or task.task_type in ("execution", "run_till_end"):
             return task.task_id
     return command_id
 
 
-def _body(control: Control, state: SessionState, task_id: str, params: dict[str, Any], model: str) -> cmd.CommandBody:
+def _body(
+    control: Control, state: SessionState, task_id: str, params: dict[str, Any], model: str
+) -> cmd.CommandBody:
     match control.command_type:
         case "execute_plan":
             return cmd.ExecutePlan(task_id=task_id)
@@ -268,7 +307,11 @@ def _body(control: Control, state: SessionState, task_id: str, params: dict[str,
         case "continue_execution":
             return cmd.ContinueExecution(task_id=task_id)
         case "act":
-            return cmd.Act(task_id=task_id, task=params["task"], previous_context=params.get("previous_context"))
+            return cmd.Act(
+                task_id=task_id,
+                task=params["task"],
+                previous_context=params.get("previous_context"),
+            )
         case "run_till_end":
             return cmd.RunTillEnd(task_id=task_id)
         case "retry_step":
@@ -307,23 +350,41 @@ async def submit(
         events = await store.read(session_id)
     state = load_state(events, session_id)
     command_id = command_id_for(session_id, control.command_type, idempotency_key)
-    log_context = {"session_id": session_id, "command_id": command_id, "command_type": control.command_type}
+    log_context = {
+        "session_id": session_id,
+        "command_id": command_id,
+        "command_type": control.command_type,
+    }
 
     # A repeated Idempotency-Key gets the answer the first request got.
     if idempotency_key is not None:
         rejection, task_id = _replayed(events, command_id)
         if rejection is not None:
             raise CommandConflict(
-                control.command_type, rejection.data["reason"], rejection.data.get("code", "invalid_state"), state.status
+                control.command_type,
+                rejection.data["reason"],
+                rejection.data.get("code", "invalid_state"),
+                state.status,
             )
         if task_id is not None:
-            return Queued(session_id, task_id, command_id, control.command_type, control.queued_type)
+            return Queued(
+                session_id, task_id, command_id, control.command_type, control.queued_type
+            )
 
     try:
         control.check(state)
     except Rejection as rejected:
-        await reject(store, session_id, control.command_type, rejected, command_id, idempotency_key is not None)
-        raise CommandConflict(control.command_type, rejected.reason, rejected.code, state.status) from None
+        await reject(
+            store,
+            session_id,
+            control.command_type,
+            rejected,
+            command_id,
+            idempotency_key is not None,
+        )
+        raise CommandConflict(
+            control.command_type, rejected.reason, rejected.code, state.status
+        ) from None
 
     task_id = _task_id(control, state, command_id)
     body = _body(control, state, task_id, params, state.llm_model)
@@ -338,7 +399,8 @@ async def submit(
         if control.flag is not None:
             await put_control_flag(js, session_id, control.flag, command_id)
     logger.info(
-        "command queued", extra={**log_context, "task_id": task_id, "duplicate": bool(ack.duplicate)}
+        "command queued",
+        extra={**log_context, "task_id": task_id, "duplicate": bool(ack.duplicate)},
     )
     return Queued(session_id, task_id, command_id, control.command_type, control.queued_type)
 
@@ -351,8 +413,10 @@ async def reject(
     command_id: str,
     deterministic: bool,
 ) -> None:
-    """Append `command_rejected` so the rejection is in the session's history, not only in a reply."""
-    event_id = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"rejected\n{command_id}")) if deterministic else None
+    """Append `command_rejected`, so the rejection is in the session's history too."""
+    event_id = (
+        str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"rejected\n{command_id}")) if deterministic else None
+    )
     logger.info(
         "command rejected: %s",
         rejected.reason,
@@ -367,7 +431,9 @@ async def reject(
         )
 
 
-async def put_control_flag(js: JetStreamContext, session_id: str, action: str, command_id: str) -> None:
+async def put_control_flag(
+    js: JetStreamContext, session_id: str, action: str, command_id: str
+) -> None:
     """Put the pause or cancel flag where the owning executor watches for it."""
     bucket = await js.key_value(subjects.CONTROL_BUCKET)
     value = {"action": action, "command_id": command_id, "at": datetime.now(UTC).isoformat()}

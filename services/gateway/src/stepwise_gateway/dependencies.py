@@ -31,7 +31,8 @@ def idempotency_key_header(
         str | None,
         Header(
             alias="Idempotency-Key",
-            description="Any unique string, such as a UUID; the same key twice runs the command once.",
+            description="Any unique string, such as a UUID; "
+            "the same key twice runs the command once.",
         ),
     ] = None,
 ) -> str | None:

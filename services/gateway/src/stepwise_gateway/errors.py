@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -89,7 +90,7 @@ def error_body(code: str, message: str, field: str | None = None) -> dict[str, A
     return {"error": {"code": code, "message": message, "field": field}}
 
 
-def _field_name(location: tuple[Any, ...] | list[Any]) -> str | None:
+def _field_name(location: Sequence[Any]) -> str | None:
     # Drop the part of the request ("body", "query", ...) and keep the field path.
     parts = [str(part) for part in location]
     if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
@@ -150,7 +151,9 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
     logger.exception("unexpected error", extra={"path": request.url.path})
     return JSONResponse(
-        error_body("internal_error", f"internal error: {type(error).__name__}; see the gateway log"),
+        error_body(
+            "internal_error", f"internal error: {type(error).__name__}; see the gateway log"
+        ),
         status_code=500,
     )
 

@@ -1,4 +1,6 @@
-"""Wake-ups from the projector: it sends NOTIFY on `stepwise_projection` with '<session_id>:<last_seq>'.
+"""Wake-ups from the projector, which sends NOTIFY on `stepwise_projection`.
+
+The payload is '<session_id>:<last_seq>'.
 
 Readers that wait for a session's read model to reach a seq re-query when a
 notification for that session arrives, and also at a short interval, so they
@@ -27,7 +29,11 @@ class ProjectionNotifier:
     """One listening Postgres connection per process, fanning notifications out to waiters."""
 
     def __init__(self, database_url: str) -> None:
-        self._dsn = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        self._dsn = (
+            make_url(database_url)
+            .set(drivername="postgresql")
+            .render_as_string(hide_password=False)
+        )
         self._connection: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()
         self._last_attempt = float("-inf")
@@ -50,7 +56,7 @@ class ProjectionNotifier:
             try:
                 connection = await asyncpg.connect(self._dsn, timeout=5)
                 await connection.add_listener(CHANNEL, self._on_notification)
-            except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as error:
+            except (TimeoutError, OSError, asyncpg.PostgresError) as error:
                 logger.warning("cannot listen for projector notifications: %s", error)
                 return False
             self._connection = connection

@@ -13,7 +13,9 @@ from stepwise_libs.jetstream import EventStore
 logger = logging.getLogger(__name__)
 
 # WebSocket close codes this gateway uses (4000-4999 are free for applications).
-CLOSE_TOO_SLOW = 4008  # the client fell more than the buffer behind; reconnect with since=<last seq>
+CLOSE_TOO_SLOW = (
+    4008  # the client fell more than the buffer behind; reconnect with since=<last seq>
+)
 CLOSE_NOT_FOUND = 4404  # no session with this id
 CLOSE_INVALID = 4422  # invalid query parameter
 CLOSE_UNAVAILABLE = 1013  # NATS is not connected; try again later

@@ -7,12 +7,11 @@ import base64
 import binascii
 import time
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncEngine
-
 from stepwise_libs import readmodel
 from stepwise_libs.fold import SessionState
 
@@ -54,8 +53,8 @@ def _task(row: dict[str, Any]) -> Task:
     return Task(**{key: row[key] for key in Task.model_fields})
 
 
-def detail_from_rows(rows: Rows, source: str) -> SessionDetail:
-    """Build the session body from the rows of `readmodel.session_rows`, stored or freshly folded."""
+def detail_from_rows(rows: Rows, source: Literal["read_model", "event_stream"]) -> SessionDetail:
+    """Build the session body from `readmodel.session_rows` output, stored or freshly folded."""
     session = rows["sessions"][0]
     session_id = session["session_id"]
     tasks = [_task(row) for row in rows["tasks"]]
@@ -121,16 +120,18 @@ async def load_session_rows(engine: AsyncEngine, session_id: str) -> Rows | None
 async def stored_last_seq(engine: AsyncEngine, session_id: str) -> int | None:
     async with engine.connect() as connection:
         result = await connection.execute(
-            select(readmodel.sessions.c.last_seq).where(readmodel.sessions.c.session_id == session_id)
+            select(readmodel.sessions.c.last_seq).where(
+                readmodel.sessions.c.session_id == session_id
+            )
         )
         return result.scalar_one_or_none()
 
 
 async def wait_for_seq(
-    engine: AsyncEngine, notifier: ProjectionNotifier, session_id: str, seq: int, timeout: float
+    engine: AsyncEngine, notifier: ProjectionNotifier, session_id: str, seq: int, max_wait: float
 ) -> bool:
-    """Wait until the session's read model reaches `seq`; return False if `timeout` passes first."""
-    deadline = time.monotonic() + timeout
+    """Wait until the read model reaches `seq`; return False if `max_wait` seconds pass first."""
+    deadline = time.monotonic() + max_wait
     listening = await notifier.ensure_listening()
     with notifier.watch(session_id) as progressed:
         while True:
@@ -141,7 +142,8 @@ async def wait_for_seq(
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            # With notifications a wake-up comes at once; the interval covers a projector that sends none.
+            # A notification wakes the loop at once; the interval covers a projector that
+            # sends none.
             interval = POLL_INTERVAL * 5 if listening else POLL_INTERVAL
             try:
                 await asyncio.wait_for(progressed.wait(), timeout=min(remaining, interval))
@@ -161,7 +163,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         return datetime.fromisoformat(created_at), session_id
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise InvalidInput(
-            f"cursor {cursor!r} is not a cursor this API returned; pass next_cursor from the last page",
+            f"cursor {cursor!r} is not a cursor this API returned; "
+            "pass next_cursor from the last page",
             field="cursor",
         ) from None
 
@@ -176,7 +179,9 @@ async def list_sessions(
         query = query.where(table.c.status.in_(statuses))
     if cursor is not None:
         created_at, session_id = decode_cursor(cursor)
-        query = query.where(tuple_(table.c.created_at, table.c.session_id) < (created_at, session_id))
+        query = query.where(
+            tuple_(table.c.created_at, table.c.session_id) < (created_at, session_id)
+        )
     query = query.offset(offset).limit(limit + 1)
     async with engine.connect() as connection:
         rows = [dict(row) for row in (await connection.execute(query)).mappings()]

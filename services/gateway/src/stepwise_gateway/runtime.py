@@ -13,7 +13,6 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy.exc import DBAPIError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-
 from stepwise_libs.jetstream import EventStore, connect, ensure_topology
 
 from .errors import DatabaseUnavailable, NatsUnavailable
@@ -74,8 +73,10 @@ class Runtime:
                 await ensure_topology(js, self.settings.stream_replicas)
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # noqa: BLE001 - keep retrying until NATS is reachable
-                logger.warning("connecting to NATS failed, retrying: %s", error, extra={"nats_url": url})
+            except Exception as error:
+                logger.warning(
+                    "connecting to NATS failed, retrying: %s", error, extra={"nats_url": url}
+                )
                 await asyncio.sleep(1.0)
                 continue
             self.nats, self._js, self._store = client, js, EventStore(js)
@@ -101,8 +102,10 @@ def nats_errors(action: str) -> Iterator[None]:
     """Turn a NATS failure during `action` into a 503 JSON error."""
     try:
         yield
-    except (nats.errors.Error, asyncio.TimeoutError, OSError) as error:
-        raise NatsUnavailable(f"{action} failed because NATS is unavailable: {error or type(error).__name__}; retry") from error
+    except (TimeoutError, nats.errors.Error, OSError) as error:
+        raise NatsUnavailable(
+            f"{action} failed because NATS is unavailable: {error or type(error).__name__}; retry"
+        ) from error
 
 
 @contextlib.asynccontextmanager
@@ -111,11 +114,19 @@ async def database_errors() -> AsyncIterator[None]:
     try:
         yield
     except ProgrammingError as error:
-        if isinstance(getattr(error, "orig", None), Exception) and "does not exist" in str(error.orig):
+        if isinstance(getattr(error, "orig", None), Exception) and "does not exist" in str(
+            error.orig
+        ):
             raise DatabaseUnavailable(
                 "the read-model tables do not exist; run `stepwise-projector migrate`"
             ) from error
         raise
-    except (DBAPIError, SQLAlchemyError, asyncpg.PostgresError, OSError, asyncio.TimeoutError) as error:
-        detail = str(getattr(error, "orig", None) or error).splitlines()[0] if str(error) else type(error).__name__
-        raise DatabaseUnavailable(f"Postgres is unavailable: {detail}; retry in a few seconds") from error
+    except (TimeoutError, DBAPIError, SQLAlchemyError, asyncpg.PostgresError, OSError) as error:
+        detail = (
+            str(getattr(error, "orig", None) or error).splitlines()[0]
+            if str(error)
+            else type(error).__name__
+        )
+        raise DatabaseUnavailable(
+            f"Postgres is unavailable: {detail}; retry in a few seconds"
+        ) from error

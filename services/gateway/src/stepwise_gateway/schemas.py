@@ -19,7 +19,7 @@ class CreateSessionRequest(Body):
     test_case: str = Field(
         description="The test in plain language: 1 to 100,000 characters; newline, tab and "
         "carriage return are the only control characters allowed.",
-        examples=["1. Open the login page\n2. Type \"standard_user\" into \"Username\""],
+        examples=['1. Open the login page\n2. Type "standard_user" into "Username"'],
     )
     target_url: str = Field(
         description="Absolute http:// or https:// URL with a host and no user:password part, "
@@ -34,7 +34,9 @@ class CreateSessionRequest(Body):
 
 
 class ActRequest(Body):
-    task: str = Field(description="One instruction to run in the live browser, at most 10,000 characters.")
+    task: str = Field(
+        description="One instruction to run in the live browser, at most 10,000 characters."
+    )
     previous_context: str | None = Field(
         default=None,
         description="Context for the instruction; by default the executor passes the results "
@@ -52,7 +54,9 @@ class ContinuePlanRequest(Body):
 
 
 class ErrorDetail(BaseModel):
-    code: str = Field(description="Machine-readable error code, such as invalid_input or invalid_state.")
+    code: str = Field(
+        description="Machine-readable error code, such as invalid_input or invalid_state."
+    )
     message: str = Field(description="What was wrong, with the value, and what to do.")
     field: str | None = Field(default=None, description="The request field the error is about.")
 
@@ -68,7 +72,9 @@ class SessionCreatedResponse(BaseModel):
     target_url: str
     llm_model: str
     created_at: datetime
-    last_seq: int = Field(description="Seq of the session_created event; pass it as wait_for_seq to read your write.")
+    last_seq: int = Field(
+        description="Seq of the session_created event; pass it as wait_for_seq to read your write."
+    )
     command_id: str = Field(description="Id of the generate_plan command queued for the planner.")
 
 
@@ -82,7 +88,9 @@ class QueuedResponse(BaseModel):
 
 class TaskStatusResponse(BaseModel):
     task_id: str | None = Field(description="Null when the session has no task yet.")
-    task_type: str | None = Field(description="plan_generation, execution, act_mode or run_till_end.")
+    task_type: str | None = Field(
+        description="plan_generation, execution, act_mode or run_till_end."
+    )
     status: str | None = Field(description="queued, running, completed, failed or cancelled.")
     progress: str
     error: str | None
@@ -104,7 +112,9 @@ class Plan(BaseModel):
     prompt: str
     status: str
     plan_text: str
-    unparsed: list[str] = Field(description="Parts of the test case the model could not turn into a step.")
+    unparsed: list[str] = Field(
+        description="Parts of the test case the model could not turn into a step."
+    )
     error: str | None
     created_at: datetime | None
     completed_at: datetime | None
@@ -159,7 +169,9 @@ class SessionSummary(BaseModel):
 class SessionDetail(SessionSummary):
     test_case: str
     browser_open: bool
-    blocked_step: int | None = Field(description="Step a run-till-end is paused on, waiting for retry or skip.")
+    blocked_step: int | None = Field(
+        description="Step a run-till-end is paused on, waiting for retry or skip."
+    )
     last_rejection: str | None
     plans: list[Plan]
     steps: list[Step]
@@ -173,7 +185,9 @@ class SessionDetail(SessionSummary):
 
 class SessionList(BaseModel):
     sessions: list[SessionSummary]
-    next_cursor: str | None = Field(description="Pass as cursor to get the next page; null on the last page.")
+    next_cursor: str | None = Field(
+        description="Pass as cursor to get the next page; null on the last page."
+    )
 
 
 class EventEnvelope(BaseModel):

@@ -50,7 +50,13 @@ TASK_STATUS = "task_status"
 
 
 def _error(code: str, message: str, field: str | None, request_id: Any) -> dict[str, Any]:
-    return {"type": "error", "code": code, "message": message, "field": field, "request_id": request_id}
+    return {
+        "type": "error",
+        "code": code,
+        "message": message,
+        "field": field,
+        "request_id": request_id,
+    }
 
 
 def _string_field(message: dict[str, Any], name: str) -> str | None:
@@ -68,7 +74,9 @@ def _params(control_name: str, message: dict[str, Any]) -> dict[str, Any]:
             check_text(context, "previous_context", MAX_CONTEXT_CHARS, required=False)
         return {"task": task, "previous_context": context}
     if control_name == "continue_plan":
-        prompt = check_text(_string_field(message, "task_prompt") or "", "task_prompt", MAX_TEST_CASE_CHARS)
+        prompt = check_text(
+            _string_field(message, "task_prompt") or "", "task_prompt", MAX_TEST_CASE_CHARS
+        )
         return {"task_prompt": prompt}
     return {}
 
@@ -80,12 +88,22 @@ async def handle(runtime: Runtime, session_id: str, text: str) -> dict[str, Any]
     except json.JSONDecodeError as error:
         return _error("invalid_json", f"message is not valid JSON: {error}", None, None)
     if not isinstance(message, dict):
-        return _error("invalid_input", 'a command message is a JSON object like {"command": "start"}', None, None)
+        return _error(
+            "invalid_input",
+            'a command message is a JSON object like {"command": "start"}',
+            None,
+            None,
+        )
     request_id = message.get("request_id")
     name = message.get("command")
     if name != TASK_STATUS and name not in ALIASES:
         known = ", ".join(sorted([*ALIASES, TASK_STATUS]))
-        return _error("unknown_command", f"unknown command {name!r}; use one of: {known}", "command", request_id)
+        return _error(
+            "unknown_command",
+            f"unknown command {name!r}; use one of: {known}",
+            "command",
+            request_id,
+        )
 
     try:
         if name == TASK_STATUS:

@@ -47,14 +47,20 @@ def check_target_url(value: str, field: str = "target_url") -> str:
     """Return the URL without surrounding blanks if it is an absolute http(s) URL with a host."""
     url = value.strip()
     if not url:
-        raise InvalidInput(f"{field} must not be empty; give the page to test, like https://example.com", field=field)
+        raise InvalidInput(
+            f"{field} must not be empty; give the page to test, like https://example.com",
+            field=field,
+        )
     if len(url) > MAX_URL_CHARS:
         raise InvalidInput(
             f"{field} has {len(url):,} characters, more than the maximum of {MAX_URL_CHARS:,}",
             field=field,
         )
     if any(char.isspace() or unicodedata.category(char) == "Cc" for char in url):
-        raise InvalidInput(f"{field} must not contain spaces or control characters; percent-encode them", field=field)
+        raise InvalidInput(
+            f"{field} must not contain spaces or control characters; percent-encode them",
+            field=field,
+        )
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -68,17 +74,22 @@ def check_target_url(value: str, field: str = "target_url") -> str:
         )
     if parts.username is not None or parts.password is not None:
         raise InvalidInput(
-            f"{field} must not contain user:password credentials; put the login steps in the test case",
+            f"{field} must not contain user:password credentials; "
+            "put the login steps in the test case",
             field=field,
         )
     if not parts.hostname:
-        raise InvalidInput(f"{field} {url!r} has no host; write it like https://example.com/path", field=field)
+        raise InvalidInput(
+            f"{field} {url!r} has no host; write it like https://example.com/path", field=field
+        )
     if port == 0:
         raise InvalidInput(f"{field} {url!r} has port 0; use a port from 1 to 65535", field=field)
     return url
 
 
-def check_model(value: str | None, *, default: str, gemini_configured: bool, field: str = "llm_model") -> str:
+def check_model(
+    value: str | None, *, default: str, gemini_configured: bool, field: str = "llm_model"
+) -> str:
     """Return the model a session runs with, or raise when it is unknown or has no API key."""
     if value is None:
         return default

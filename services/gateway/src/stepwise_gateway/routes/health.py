@@ -9,10 +9,10 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from ..dependencies import get_runtime
-from ..errors import error_body
-from ..runtime import Runtime
-from ..schemas import ErrorResponse, Health, Readiness
+from stepwise_gateway.dependencies import get_runtime
+from stepwise_gateway.errors import error_body
+from stepwise_gateway.runtime import Runtime
+from stepwise_gateway.schemas import ErrorResponse, Health, Readiness
 
 router = APIRouter(tags=["health"])
 
@@ -38,11 +38,16 @@ async def readyz(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Readiness
             async with runtime.engine.connect() as connection:
                 await connection.execute(text("select 1"))
         database_state = "ok"
-    except Exception as error:  # noqa: BLE001 - any failure means not ready
-        database_state = f"unreachable: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+    except Exception as error:
+        database_state = (
+            f"unreachable: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        )
     if nats_state == "ok" and database_state == "ok":
         return Readiness(status="ready", nats=nats_state, database=database_state)
-    problems = [f"NATS {nats_state}" if nats_state != "ok" else "", f"Postgres {database_state}" if database_state != "ok" else ""]
+    problems = [
+        f"NATS {nats_state}" if nats_state != "ok" else "",
+        f"Postgres {database_state}" if database_state != "ok" else "",
+    ]
     body = error_body("not_ready", "; ".join(part for part in problems if part))
     body["nats"] = nats_state
     body["database"] = database_state

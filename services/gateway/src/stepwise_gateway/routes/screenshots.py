@@ -7,13 +7,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Path, Response
 from nats.js.errors import ObjectNotFoundError
-
 from stepwise_libs import subjects
 
-from ..dependencies import get_runtime, session_id_path
-from ..errors import NotFound
-from ..runtime import Runtime, nats_errors
-from ..schemas import ErrorResponse
+from stepwise_gateway.dependencies import get_runtime, session_id_path
+from stepwise_gateway.errors import NotFound
+from stepwise_gateway.runtime import Runtime, nats_errors
+from stepwise_gateway.schemas import ErrorResponse
 
 router = APIRouter(prefix="/api/sessions/{session_id}", tags=["screenshots"])
 
@@ -35,7 +34,9 @@ CACHE_CONTROL = "public, max-age=31536000, immutable"
 )
 async def get_screenshot(
     session_id: Annotated[str, Depends(session_id_path)],
-    name: Annotated[str, Path(description="Object name, with or without the `<session_id>/` prefix.")],
+    name: Annotated[
+        str, Path(description="Object name, with or without the `<session_id>/` prefix.")
+    ],
     runtime: Annotated[Runtime, Depends(get_runtime)],
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
 ) -> Response:
@@ -55,11 +56,15 @@ async def get_screenshot(
             info = await store.get_info(object_name)
             etag = f'"{info.digest}"' if info.digest else None
             if etag is not None and if_none_match == etag:
-                return Response(status_code=304, headers={"ETag": etag, "Cache-Control": CACHE_CONTROL})
+                return Response(
+                    status_code=304, headers={"ETag": etag, "Cache-Control": CACHE_CONTROL}
+                )
             result = await store.get(object_name)
         except ObjectNotFoundError:
             raise NotFound(
-                f"session {session_id} has no screenshot {relative!r}", field="name", code="screenshot_not_found"
+                f"session {session_id} has no screenshot {relative!r}",
+                field="name",
+                code="screenshot_not_found",
             ) from None
     headers = {"Cache-Control": CACHE_CONTROL}
     if etag is not None:

@@ -4,23 +4,39 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, status
-
 from stepwise_libs import subjects
 from stepwise_libs.commands import GeneratePlan, new_command
 from stepwise_libs.events import SessionCreated
 from stepwise_libs.fold import fold
 from stepwise_libs.jetstream import publish_command
 
-from ..controls import IDEMPOTENCY_NAMESPACE
-from ..dependencies import get_runtime, idempotency_key_header, session_id_path
-from ..errors import InvalidInput, SessionNotFound
-from ..readmodels import detail_from_rows, detail_from_state, list_sessions, load_session_rows, wait_for_seq
-from ..runtime import Runtime, database_errors, nats_errors
-from ..schemas import CreateSessionRequest, ErrorResponse, SessionCreatedResponse, SessionDetail, SessionList
-from ..validation import MAX_TEST_CASE_CHARS, check_model, check_target_url, check_text
+from stepwise_gateway.controls import IDEMPOTENCY_NAMESPACE
+from stepwise_gateway.dependencies import get_runtime, idempotency_key_header, session_id_path
+from stepwise_gateway.errors import InvalidInput, SessionNotFound
+from stepwise_gateway.readmodels import (
+    detail_from_rows,
+    detail_from_state,
+    list_sessions,
+    load_session_rows,
+    wait_for_seq,
+)
+from stepwise_gateway.runtime import Runtime, database_errors, nats_errors
+from stepwise_gateway.schemas import (
+    CreateSessionRequest,
+    ErrorResponse,
+    SessionCreatedResponse,
+    SessionDetail,
+    SessionList,
+)
+from stepwise_gateway.validation import (
+    MAX_TEST_CASE_CHARS,
+    check_model,
+    check_target_url,
+    check_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +49,7 @@ STATUSES = (
     "interrupted timed_out"
 ).split()
 
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "Unknown session."},
     422: {"model": ErrorResponse, "description": "Invalid input; `error.field` names the field."},
     503: {"model": ErrorResponse, "description": "NATS or Postgres is unavailable."},
@@ -60,7 +76,11 @@ async def create_session(
     test_case = check_text(request.test_case, "test_case", MAX_TEST_CASE_CHARS)
     target_url = check_target_url(request.target_url)
     settings = runtime.settings
-    model = check_model(request.llm_model, default=settings.default_model, gemini_configured=settings.gemini_configured)
+    model = check_model(
+        request.llm_model,
+        default=settings.default_model,
+        gemini_configured=settings.gemini_configured,
+    )
     js, store = runtime.jetstream()
 
     if idempotency_key is None:
@@ -75,14 +95,24 @@ async def create_session(
         existing = await store.read(session_id, limit=1) if idempotency_key else []
         if existing and existing[0].data.get("test_case") != test_case:
             raise InvalidInput(
-                "Idempotency-Key was already used for a session with another test case; use a new key",
+                "Idempotency-Key was already used for a session with another test case; "
+                "use a new key",
                 field="Idempotency-Key",
             )
-        created = existing[0] if existing else await store.append(
-            session_id,
-            SessionCreated(test_case=test_case, target_url=target_url, llm_model=model, title=_title(test_case)),
-            command_id=command_id,
-            event_id=event_id,
+        created = (
+            existing[0]
+            if existing
+            else await store.append(
+                session_id,
+                SessionCreated(
+                    test_case=test_case,
+                    target_url=target_url,
+                    llm_model=model,
+                    title=_title(test_case),
+                ),
+                command_id=command_id,
+                event_id=event_id,
+            )
         )
         command = new_command(
             session_id,
@@ -91,7 +121,10 @@ async def create_session(
         )
         await publish_command(js, subjects.planner_command_subject("generate_plan"), command)
 
-    logger.info("session created", extra={"session_id": session_id, "command_id": command_id, "llm_model": model})
+    logger.info(
+        "session created",
+        extra={"session_id": session_id, "command_id": command_id, "llm_model": model},
+    )
     return SessionCreatedResponse(
         session_id=session_id,
         status="created",
@@ -109,17 +142,23 @@ async def get_sessions(
     runtime: Annotated[Runtime, Depends(get_runtime)],
     status_filter: Annotated[
         list[str] | None,
-        Query(alias="status", description="Only sessions with this status; repeat or comma-separate for several."),
+        Query(
+            alias="status",
+            description="Only sessions with this status; repeat or comma-separate for several.",
+        ),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Sessions per page.")] = 50,
     offset: Annotated[int, Query(ge=0, description="Sessions to skip.")] = 0,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
 ) -> SessionList:
-    statuses = [part.strip() for value in status_filter or [] for part in value.split(",") if part.strip()]
+    statuses = [
+        part.strip() for value in status_filter or [] for part in value.split(",") if part.strip()
+    ]
     unknown = [value for value in statuses if value not in STATUSES]
     if unknown:
         raise InvalidInput(
-            f"status {unknown[0]!r} is not a session status; use one of {', '.join(STATUSES)}", field="status"
+            f"status {unknown[0]!r} is not a session status; use one of {', '.join(STATUSES)}",
+            field="status",
         )
     async with database_errors():
         sessions, next_cursor = await list_sessions(runtime.engine, statuses, limit, offset, cursor)
@@ -141,7 +180,8 @@ async def get_session(
             alias="wait_for_seq",
             ge=0,
             description="Wait, at most STEPWISE_MAX_WAIT_FOR_SEQ seconds (10 by default), until "
-            "the read model includes this event seq; then, if it still lags, answer from the event stream.",
+            "the read model includes this event seq; if it still lags then, "
+            "the answer is folded from the event stream.",
         ),
     ] = None,
 ) -> SessionDetail:
@@ -149,7 +189,11 @@ async def get_session(
         caught_up = True
         if wait_for_seq_ is not None:
             caught_up = await wait_for_seq(
-                runtime.engine, runtime.notifier, session_id, wait_for_seq_, runtime.settings.max_wait_for_seq
+                runtime.engine,
+                runtime.notifier,
+                session_id,
+                wait_for_seq_,
+                runtime.settings.max_wait_for_seq,
             )
         rows = await load_session_rows(runtime.engine, session_id)
     if rows is not None and caught_up:
@@ -159,7 +203,7 @@ async def get_session(
     # fold its events, which is what the read model will show once it catches up.
     if not runtime.nats_connected and rows is not None:
         return detail_from_rows(rows, "read_model")
-    js, store = runtime.jetstream()
+    _, store = runtime.jetstream()
     with nats_errors(f"reading the events of session {session_id}"):
         events = await store.read(session_id)
     if not events:

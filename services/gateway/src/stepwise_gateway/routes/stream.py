@@ -16,16 +16,16 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
 from fastapi import APIRouter, Depends, Header, Query, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 
-from .. import socket_commands
-from ..dependencies import get_runtime, runtime_of, session_id_path
-from ..errors import GatewayError, InvalidInput, SessionNotFound
-from ..pump import (
+from stepwise_gateway import socket_commands
+from stepwise_gateway.dependencies import get_runtime, runtime_of, session_id_path
+from stepwise_gateway.errors import GatewayError, InvalidInput, SessionNotFound
+from stepwise_gateway.pump import (
     CLOSE_INVALID,
     CLOSE_NOT_FOUND,
     CLOSE_TOO_SLOW,
@@ -35,9 +35,9 @@ from ..pump import (
     is_event,
     pump_events,
 )
-from ..runtime import Runtime, nats_errors
-from ..schemas import ErrorResponse, EventList
-from ..validation import check_session_id
+from stepwise_gateway.runtime import Runtime, nats_errors
+from stepwise_gateway.schemas import ErrorResponse, EventList
+from stepwise_gateway.validation import check_session_id
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +67,16 @@ async def read_events(
     limit: Annotated[int, Query(ge=1, le=MAX_EVENTS_PAGE, description="Events per page.")] = 1000,
     since_time: Annotated[
         datetime | None,
-        Query(description="Return only events stamped after this ISO 8601 time, which must carry a UTC offset."),
+        Query(
+            description="Return only events stamped after this ISO 8601 time, "
+            "which must carry a UTC offset."
+        ),
     ] = None,
 ) -> Response:
     if since_time is not None and since_time.utcoffset() is None:
         raise InvalidInput(
-            f"since_time {since_time.isoformat()} has no UTC offset; add one, like 2026-01-01T12:00:00+00:00",
+            f"since_time {since_time.isoformat()} has no UTC offset; "
+            "add one, like 2026-01-01T12:00:00+00:00",
             field="since_time",
         )
     _, store = runtime.jetstream()
@@ -85,9 +89,16 @@ async def read_events(
         else:
             # NOTE: a time filter reads every event after `since` and filters them here;
             # pass `since` as well to bound the read on long sessions.
-            events = [event for event in await store.read(session_id, since) if event.at > since_time][:limit]
+            events = [
+                event for event in await store.read(session_id, since) if event.at > since_time
+            ][:limit]
     next_since = events[-1].seq if events else since
-    body = {"session_id": session_id, "events": events, "last_seq": last_seq, "next_since": next_since}
+    body = {
+        "session_id": session_id,
+        "events": events,
+        "last_seq": last_seq,
+        "next_since": next_since,
+    }
     return Response(_encoder.encode(body), media_type="application/json")
 
 
@@ -95,10 +106,13 @@ async def read_events(
     "/stream",
     response_class=StreamingResponse,
     responses={
-        200: {"content": {"text/event-stream": {}}, "description": "Each event as `id: <seq>`, `event: <type>`, `data: <envelope>`."},
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "Each event as `id: <seq>`, `event: <type>`, `data: <envelope>`.",
+        },
         404: {"model": ErrorResponse, "description": "Unknown session."},
     },
-    summary="Stream a session's events as server-sent events, resuming after since or Last-Event-ID",
+    summary="Stream a session's events as server-sent events after since or Last-Event-ID",
 )
 async def stream_events(
     session_id: Annotated[str, Depends(session_id_path)],
@@ -108,7 +122,9 @@ async def stream_events(
 ) -> StreamingResponse:
     if last_event_id is not None:
         if not last_event_id.isdigit():
-            raise InvalidInput(f"Last-Event-ID {last_event_id!r} is not an event seq", field="Last-Event-ID")
+            raise InvalidInput(
+                f"Last-Event-ID {last_event_id!r} is not an event seq", field="Last-Event-ID"
+            )
         since = max(since, int(last_event_id))
     _, store = runtime.jetstream()
     with nats_errors(f"reading the events of session {session_id}"):
@@ -123,14 +139,20 @@ async def stream_events(
             while True:
                 getter = asyncio.ensure_future(outbox.get())
                 overflow = asyncio.ensure_future(outbox.overflowed.wait())
-                done, _ = await asyncio.wait({getter, overflow}, timeout=SSE_KEEPALIVE, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {getter, overflow}, timeout=SSE_KEEPALIVE, return_when=asyncio.FIRST_COMPLETED
+                )
                 if getter not in done:
                     getter.cancel()
                 overflow.cancel()
                 if getter in done:
                     event = getter.result()
                     outbox.last_sent_seq = event.seq
-                    yield b"id: %d\nevent: %s\ndata: %s\n\n" % (event.seq, event.type.encode(), _encoder.encode(event))
+                    yield b"id: %d\nevent: %s\ndata: %s\n\n" % (
+                        event.seq,
+                        event.type.encode(),
+                        _encoder.encode(event),
+                    )
                 elif outbox.overflowed.is_set():
                     note = {"reason": "client too slow", "resume_since": outbox.last_sent_seq}
                     yield b"event: overflow\ndata: %s\n\n" % _encoder.encode(note)
@@ -162,9 +184,9 @@ async def session_socket(websocket: WebSocket, session_id: str) -> None:
         await websocket.close(CLOSE_INVALID, f"since={since_text!r} is not a non-negative integer")
         return
     try:
-        js, store = runtime.jetstream()
+        _, store = runtime.jetstream()
         _, last_seq = await store.last(session_id)
-    except Exception as error:  # noqa: BLE001 - any NATS failure means: try again later
+    except Exception as error:
         await websocket.close(CLOSE_UNAVAILABLE, f"NATS unavailable: {error}"[:120])
         return
     if last_seq == 0:
@@ -177,15 +199,21 @@ async def session_socket(websocket: WebSocket, session_id: str) -> None:
     sender = asyncio.create_task(_send(websocket, outbox))
     overflow = asyncio.create_task(outbox.overflowed.wait())
     try:
-        done, _ = await asyncio.wait({pump, receiver, sender, overflow}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {pump, receiver, sender, overflow}, return_when=asyncio.FIRST_COMPLETED
+        )
         if overflow in done:
             await cancel_all(sender)
             reason = f"client too slow; reconnect with since={outbox.last_sent_seq}"
             await websocket.close(CLOSE_TOO_SLOW, reason)
         elif pump in done and pump.exception() is not None:
-            logger.warning("event tail failed: %s", pump.exception(), extra={"session_id": session_id})
-            await websocket.close(CLOSE_UNAVAILABLE, "event stream unavailable; reconnect with since")
-    except Exception:  # noqa: BLE001 - the socket may already be gone
+            logger.warning(
+                "event tail failed: %s", pump.exception(), extra={"session_id": session_id}
+            )
+            await websocket.close(
+                CLOSE_UNAVAILABLE, "event stream unavailable; reconnect with since"
+            )
+    except Exception:
         logger.debug("closing the socket failed", exc_info=True)
     finally:
         await cancel_all(pump, receiver, sender, overflow)
@@ -201,7 +229,9 @@ async def _send(websocket: WebSocket, outbox: Outbox) -> None:
             await websocket.send_text(_encoder.encode(item).decode())
 
 
-async def _receive_commands(websocket: WebSocket, runtime: Runtime, session_id: str, outbox: Outbox) -> None:
+async def _receive_commands(
+    websocket: WebSocket, runtime: Runtime, session_id: str, outbox: Outbox
+) -> None:
     try:
         while True:
             text = await websocket.receive_text()
