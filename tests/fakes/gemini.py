@@ -6,18 +6,18 @@ The real client reaches it through `types.HttpOptions(base_url=fake.base_url)`
 (server-sent events when `alt=sse`), the calls google-genai and browser-use's
 ChatGoogle make.
 
-Each test scripts the answers in order:
+Each test scripts the responses in order:
 
     fake.reply_json({"steps": [...]})      # the model's text is this JSON
     fake.reply_text("not json")            # the model's text, verbatim
     fake.reply_status(503)                 # fail with a Google-style error body
-    fake.reply_with(lambda request: {...}) # build the answer from the request
+    fake.reply_with(lambda request: {...}) # build the response from the request
     fake.always_status(503)                # every request fails this way
 
 A callable may return a dict or list (sent as JSON text), a str (sent as is),
-or a `Reply`. When the queue is empty the fake answers HTTP 400 naming the
+or a `Reply`. When the queue is empty the fake returns HTTP 400 naming the
 request, so a test that makes more model calls than it scripted fails loudly;
-`fake.default = ...` sets an answer used for every unscripted request instead.
+`fake.default = ...` sets a response used for every unscripted request instead.
 
 Every request is recorded (`fake.requests`) with its path, model, headers and
 JSON body. The server runs on a daemon thread, so it serves sync and async
@@ -97,7 +97,7 @@ class RecordedRequest:
 
 @dataclass
 class Reply:
-    """One scripted answer: the model's text, or an HTTP error."""
+    """One scripted response: the model's text, or an HTTP error."""
 
     text: str | None = None
     status: int = 200
@@ -174,7 +174,7 @@ class FakeGemini:
         self._always: Reply | None = None
         self.default: _Scripted | None = None
         self.requests: list[RecordedRequest] = []
-        # Requests that found no scripted answer; a test may assert this stays empty.
+        # Requests that found no scripted response; a test may assert this stays empty.
         self.unscripted: list[RecordedRequest] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -268,7 +268,7 @@ class FakeGemini:
 
     @property
     def pending(self) -> int:
-        """Scripted answers not used yet."""
+        """Scripted responses not used yet."""
         with self._lock:
             return len(self._queue)
 
@@ -302,7 +302,7 @@ class FakeGemini:
                 self.unscripted.append(request)
                 return Reply.error(
                     400,
-                    f"fake Gemini has no scripted answer for request #{len(self.requests)} "
+                    f"fake Gemini has no scripted response for request #{len(self.requests)} "
                     f"({request.rpc} on model {request.model})",
                 )
         if isinstance(scripted, Reply):

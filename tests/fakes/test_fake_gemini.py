@@ -1,4 +1,4 @@
-"""The fake Gemini server answers the real google-genai client as scripted and records its calls."""
+"""The fake Gemini server serves the real google-genai client as scripted and records its calls."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def _client(fake: FakeGemini) -> genai.Client:
     return genai.Client(api_key="test-key", http_options=types.HttpOptions(base_url=fake.base_url))
 
 
-async def test_scripted_answers_reach_the_real_client_in_order(fake_gemini: FakeGemini) -> None:
+async def test_scripted_responses_reach_client_in_order(fake_gemini: FakeGemini) -> None:
     fake_gemini.reply_json({"steps": [{"description": 'Click "Login"'}]})
     fake_gemini.reply_status(503)
     fake_gemini.reply_with(lambda request: {"echo": request.prompt_text})
@@ -50,7 +50,7 @@ def test_unscripted_requests_fail_loudly_and_always_status_overrides(
     fake_gemini: FakeGemini,
 ) -> None:
     client = _client(fake_gemini)
-    with pytest.raises(errors.ClientError, match="no scripted answer for request #1"):
+    with pytest.raises(errors.ClientError, match="no scripted response for request #1"):
         client.models.generate_content(model="gemini-2.5-flash", contents="x")
     assert len(fake_gemini.unscripted) == 1
 
@@ -65,7 +65,7 @@ def test_unscripted_requests_fail_loudly_and_always_status_overrides(
     assert len(fake_gemini.wait_for_requests(4, timeout=1)) == 4
 
 
-async def test_streaming_and_default_answers(fake_gemini: FakeGemini) -> None:
+async def test_streaming_and_default_responses(fake_gemini: FakeGemini) -> None:
     seen: list[RecordedRequest] = []
 
     def answer(request: RecordedRequest) -> str:

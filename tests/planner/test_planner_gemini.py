@@ -192,7 +192,7 @@ async def test_gemini_invalid_json_fails(store: EventStore, fake_gemini: FakeGem
 
     _, _, events = await run_plan(store, service)
 
-    assert len(fake_gemini.requests) == 3  # budget of 2 invalid answers, then fail
+    assert len(fake_gemini.requests) == 3  # budget of 2 invalid outputs, then fail
     invalid = [e for e in of_type(events, "plan_progress") if "invalid" in e.data["message"]]
     assert len(invalid) == 2
     assert events[-1].type == "plan_failed"

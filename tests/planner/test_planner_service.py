@@ -176,7 +176,7 @@ async def test_gemini_retries_through_process(
     calls: list[RecordedRequest] = []
 
     def answer(request: RecordedRequest) -> object:
-        # Only this test's session gets scripted answers, whatever else the planner consumes.
+        # Only this test's session gets scripted responses, whatever else the planner consumes.
         if session_id not in request.prompt_text:
             return Reply.error(400, "not this test's session")
         calls.append(request)
@@ -219,7 +219,7 @@ async def test_killed_planner_plan_is_resumed(
             return Reply.error(400, "not this test's session")
         calls.append(request)
         plan = {"steps": [{"description": 'Click "Login"'}]}
-        # The first planner is killed while it waits for this slow answer.
+        # The first planner is killed while it waits for this slow response.
         return Reply.json(plan, delay_seconds=10.0 if len(calls) == 1 else 0.0)
 
     fake_gemini.default = answer

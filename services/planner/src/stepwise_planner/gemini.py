@@ -80,7 +80,7 @@ class _ModelPlan(msgspec.Struct):
 
 
 class InvalidModelOutput(ValueError):
-    """The model's answer is not JSON of the plan schema."""
+    """The model's output is not JSON of the plan schema."""
 
 
 def build_prompt(request: PlanRequest) -> str:
@@ -240,7 +240,7 @@ class GeminiPlanModel:
                 await progress(
                     f"Model output of call {attempt} is invalid ({error}); asking again "
                     f"({invalid_outputs} of {self._retry.invalid_output_budget} invalid "
-                    "answers allowed)",
+                    "outputs allowed)",
                     attempt + 1,
                 )
                 attempt += 1

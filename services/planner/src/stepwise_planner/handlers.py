@@ -4,9 +4,9 @@ Acknowledgement: a plan command stays unacknowledged until its final event
 (`plan_completed`, `plan_failed` or `command_rejected`) is stored, and the
 handler marks it in progress meanwhile so JetStream does not redeliver it.
 A plan takes at most a few model calls, unlike a paused browser session, so
-holding the message is cheap; and when a planner dies mid-plan, the command is
-redelivered and another planner finishes the work instead of leaving the
-session in `generating_plan`.
+holding the message is cheap. When a planner dies mid-plan, the command is
+redelivered and another planner finishes the work, so the session does not
+stay in `generating_plan`.
 
 Idempotency: before working, the handler reads the session's events. A
 command whose final event is stored is only acknowledged; one with a
@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Literal
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Literal, cast
 
 from nats.aio.msg import Msg
 from stepwise_libs import fold as session_fold
@@ -39,7 +39,7 @@ from stepwise_libs.events import (
 from stepwise_libs.jetstream import EventStore
 from stepwise_libs.settings import OFFLINE_MODEL
 
-from .errors import PlanFailedError
+from .errors import AppendFailedError, PlanFailedError
 from .models import OfflinePlanModel, PlanModel, PlanRequest, model_name_for
 from .settings import PlannerSettings
 
@@ -144,7 +144,7 @@ class PlannerService:
     # --- the work -------------------------------------------------------------------
 
     async def process(self, command: Command, body: CommandBody) -> None:
-        """Generate the plan a command asks for and append its events, once per command."""
+        """Generate a command's plan and append its events, once per command."""
         session_id = command.session_id
         context = {"session_id": session_id, "command_id": command.command_id}
         events = await read_session(self._store, session_id)
@@ -179,13 +179,18 @@ class PlannerService:
             logger.info("resuming a plan started before", extra={**context, "plan_id": plan_id})
 
         async def progress(message: str, attempt: int | None) -> None:
-            await self._append(
-                command, PlanProgress(plan_id=plan_id, message=message, attempt=attempt)
-            )
+            try:
+                await self._append(
+                    command, PlanProgress(plan_id=plan_id, message=message, attempt=attempt)
+                )
+            except Exception as error:
+                raise AppendFailedError(str(error)) from error
 
         try:
             model = self._model(model_name)
             draft = await model.generate(request, progress)
+        except AppendFailedError:
+            raise  # the event store is unreachable: the command is redelivered and resumed
         except PlanFailedError as error:
             logger.warning(
                 "plan failed: %s",
@@ -194,6 +199,18 @@ class PlannerService:
             )
             await self._append(
                 command, PlanFailed(plan_id=plan_id, error=error.message, category=error.category)
+            )
+            return
+        except Exception as error:
+            # A bug in a model must end the plan, not make every redelivery fail again.
+            logger.exception("plan generation raised", extra={**context, "plan_id": plan_id})
+            await self._append(
+                command,
+                PlanFailed(
+                    plan_id=plan_id,
+                    error=f"the planner failed: {type(error).__name__}: {error}",
+                    category="internal_error",
+                ),
             )
             return
 
@@ -266,7 +283,8 @@ async def read_session(store: EventStore, session_id: str) -> list[Event]:
     events: list[Event] = []
     if last_seq == 0:
         return events
-    async with contextlib.aclosing(store.tail(session_id)) as tail:
+    tail = cast(AsyncGenerator[Event, None], store.tail(session_id))
+    async with contextlib.aclosing(tail):
         async for event in tail:
             events.append(event)
             if event.seq >= last_seq:
@@ -308,7 +326,7 @@ def _plan_request(
     if isinstance(body, GeneratePlan):
         return PlanRequest(body.test_case, body.target_url), body.llm_model, "initial"
     if isinstance(body, ContinuePlan):
-        # On a resumed continuation the fold holds no steps of this plan yet, because
+        # On a resumed continuation the fold contains no steps of this plan yet, because
         # its plan_completed is not stored.
         existing = [step.description for step in state.steps]
         request = PlanRequest(body.task_prompt, state.target_url, existing_steps=existing)

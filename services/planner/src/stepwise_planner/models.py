@@ -21,7 +21,7 @@ ProgressCallback = Callable[[str, int | None], Awaitable[None]]
 
 @dataclass(frozen=True)
 class PlanRequest:
-    """What to plan: a test case, or for a continuation a task prompt after `existing_steps`."""
+    """Input of a plan: a test case, or for a continuation a task prompt after `existing_steps`."""
 
     text: str
     target_url: str

@@ -9,13 +9,13 @@ from stepwise_libs.settings import CommonSettings, env_float, env_int, env_str, 
 
 @dataclass(frozen=True)
 class RetrySettings:
-    """How model calls are retried on transient errors and on invalid output."""
+    """Retry policy of model calls, on transient errors and on invalid output."""
 
     # Delay before retry n is base * 2**(n-1) plus up to `base` of jitter, capped at max_delay.
     base_seconds: float = 1.0
     max_delay_seconds: float = 60.0
     max_retries: int = 3
-    # Invalid (non-JSON or schema-violating) model answers tolerated before the plan fails.
+    # Invalid (non-JSON or schema-violating) model outputs tolerated before the plan fails.
     invalid_output_budget: int = 2
     # Limit of one model call, in seconds.
     call_timeout_seconds: float = 60.0
@@ -41,7 +41,7 @@ class PlannerSettings:
         )
     )
     # Seconds JetStream waits for an ack (or an in-progress mark) before it redelivers a
-    # command; also how soon another planner takes over the plan of one that died.
+    # command. It also bounds how soon another planner resumes a dead planner's plan.
     ack_wait_seconds: float = field(
         default_factory=lambda: env_float("STEPWISE_PLANNER_ACK_WAIT_SECONDS", 30.0, 1.0)
     )
