@@ -165,6 +165,7 @@ async def build_session(store: EventStore, state: str) -> Built:
             test_case="\n".join(STEPS), target_url="http://127.0.0.1:9/", llm_model="offline"
         )
     ]
+
     if state != "created":
         payloads.append(ev.PlanStarted(plan_id=plan, model="offline"))
     if state not in ("created", "generating_plan"):
@@ -176,6 +177,7 @@ async def build_session(store: EventStore, state: str) -> Built:
                 unparsed=["wiggle the mouse"],
             )
         )
+
     if state in ("running", "paused", "cancelled", "completed", "stopped"):
         payloads += [
             ev.ExecutionStarted(task_id=task, from_step=1, total_steps=3),
@@ -212,6 +214,7 @@ async def build_session(store: EventStore, state: str) -> Built:
             ev.StepFailed(task_id=task, step_number=1, error='page does not show "Home"'),
             ev.RunTillEndPaused(task_id=task, step_number=1, error='page does not show "Home"'),
         ]
+
     for payload in payloads:
         built.events.append(await store.append(sid, payload))
     return built

@@ -23,6 +23,7 @@ Every 4xx and 5xx body is `{"error": {"code", "message", "field"}}`.
 greater than N as its JSON envelope, then live ones. Send control commands on the
 same socket, like `{"command": "pause_execution"}`; the reply is
 `{"type": "pause_queued", "task_id": ...}` or `{"type": "command_rejected", "reason": ...}`.
+Events carry a `seq`; replies do not.
 Close codes: 4404 unknown session, 4422 invalid `since`, 4008 the client fell too
 far behind (reconnect with `since` set to the last seq received), 1013 NATS
 unavailable.

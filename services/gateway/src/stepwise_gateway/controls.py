@@ -1,6 +1,6 @@
 """Session controls: check a command against the folded session state, then queue it.
 
-A control that does not fit the session's state is answered with 409 and a
+A control that does not fit the session's state is rejected with 409 and a
 `command_rejected` event, never dropped. An `Idempotency-Key` makes the command id
 deterministic, so JetStream stores a repeated command once (`Nats-Msg-Id`) and the
 caller gets the same task id back.
@@ -356,7 +356,7 @@ async def submit(
         "command_type": control.command_type,
     }
 
-    # A repeated Idempotency-Key gets the answer the first request got.
+    # A repeated Idempotency-Key gets the same response as the first request.
     if idempotency_key is not None:
         rejection, task_id = _replayed(events, command_id)
         if rejection is not None:

@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 
 class GatewayError(Exception):
-    """Base of every error the gateway answers with a JSON body."""
+    """Base of every error the gateway returns as a JSON body."""
 
     status_code = 400
     code = "bad_request"
@@ -54,7 +54,7 @@ class NotFound(GatewayError):
 
 
 class CommandConflict(GatewayError):
-    """A control sent in a session state where it cannot run; answered with 409."""
+    """A control sent in a session state where it cannot run, returned as 409."""
 
     status_code = 409
     code = "invalid_state"

@@ -2,9 +2,10 @@
 
 The payload is '<session_id>:<last_seq>'.
 
-Readers that wait for a session's read model to reach a seq re-query when a
-notification for that session arrives, and also at a short interval, so they
-work when the projector sends no notifications or the listening connection is down.
+A reader waiting for a session's read model to reach a seq re-queries when a
+notification for that session arrives. It also re-queries at a short interval,
+so it works when the projector sends no notifications or the listening
+connection is down.
 """
 
 from __future__ import annotations

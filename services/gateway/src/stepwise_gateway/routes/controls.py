@@ -1,4 +1,4 @@
-"""Session controls over REST: each queues one command or answers 409 with the reason."""
+"""Session controls over REST: each queues one command or returns 409 with the reason."""
 
 from __future__ import annotations
 
