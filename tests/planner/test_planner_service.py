@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Callable
 
 from fakes.gemini import FakeGemini, RecordedRequest, Reply
@@ -252,3 +253,40 @@ async def test_sigterm_stops_cleanly(start_planner: Callable[..., PlannerProcess
 
     assert code == 0
     assert "service stopped" in planner.wait_for_log("service stopped", timeout=5)
+
+
+async def test_plans_run_concurrently(
+    nats_client: NATS,
+    store: EventStore,
+    start_planner: Callable[..., PlannerProcess],
+    fake_gemini: FakeGemini,
+) -> None:
+    sessions = [
+        await create_session(store, "Log in", llm_model="gemini-2.5-flash") for _ in range(3)
+    ]
+    # Each call waits until all three are in flight, which a planner that handles one
+    # command at a time never reaches.
+    all_in_flight = threading.Barrier(3, timeout=15)
+
+    def answer(request: RecordedRequest) -> object:
+        if not any(session_id in request.prompt_text for session_id in sessions):
+            return Reply.error(400, "not this test's session")
+        try:
+            all_in_flight.wait()
+        except threading.BrokenBarrierError:
+            return Reply.error(400, "the three plans did not run at the same time")
+        return {"steps": [{"description": 'Click "Login"'}]}
+
+    fake_gemini.default = answer
+    start_planner(
+        GEMINI_API_KEY="test-key",
+        STEPWISE_GEMINI_BASE_URL=fake_gemini.base_url,
+        STEPWISE_PLANNER_CONCURRENCY="3",
+    )
+
+    for session_id in sessions:
+        await publish_plan(nats_client, session_id, "Log in", "gemini-2.5-flash")
+    ends = [await wait_for_event(store, session_id, is_plan_end) for session_id in sessions]
+
+    for events in ends:
+        assert events[-1].type == "plan_completed", events[-1].data
