@@ -3,6 +3,8 @@ import json
 import httpx
 import pytest
 from nats.js import JetStreamContext
+from nats.js.errors import KeyValueError
+from stepwise_libs import events as ev
 from stepwise_libs import subjects
 from stepwise_libs.jetstream import EventStore
 
@@ -195,8 +197,6 @@ async def test_idempotency_key_runs_command_once(
 async def test_idempotency_key_replays_after_work_started(
     client: httpx.AsyncClient, store: EventStore, js: JetStreamContext
 ) -> None:
-    from stepwise_libs import events as ev
-
     built = await build_session(store, "plan_ready")
     url = f"/api/sessions/{built.session_id}/start"
     first = await client.post(url, headers={"Idempotency-Key": "k1"})
@@ -291,3 +291,35 @@ async def test_task_status_reports_current_task(
     assert by_id.json()["task_type"] == "plan_generation"
     assert by_id.json()["status"] == "completed"
     assert missing.status_code == 404
+
+
+async def test_continue_clears_pause_flag(
+    client: httpx.AsyncClient, store: EventStore, js: JetStreamContext
+) -> None:
+    built = await build_session(store, "running")
+    bucket = await js.key_value(subjects.CONTROL_BUCKET)
+    paused = await client.post(f"/api/sessions/{built.session_id}/pause")
+    flagged = await bucket.get(built.session_id)
+    await store.append(built.session_id, ev.ExecutionPaused(task_id=built.task_id, after_step=1))
+
+    resumed = await client.post(f"/api/sessions/{built.session_id}/continue")
+
+    assert paused.status_code == resumed.status_code == 202
+    assert json.loads(flagged.value or b"")["action"] == "pause"
+    with pytest.raises(KeyValueError):
+        await bucket.get(built.session_id)
+
+
+async def test_cancel_flag_survives_continue_attempt(
+    client: httpx.AsyncClient, store: EventStore, js: JetStreamContext
+) -> None:
+    built = await build_session(store, "paused")
+    bucket = await js.key_value(subjects.CONTROL_BUCKET)
+
+    cancelled = await client.post(f"/api/sessions/{built.session_id}/task/cancel")
+    await store.append(built.session_id, ev.ExecutionCancelled(task_id=built.task_id))
+    rejected = await client.post(f"/api/sessions/{built.session_id}/continue")
+
+    assert cancelled.status_code == 202
+    assert rejected.status_code == 409
+    assert json.loads((await bucket.get(built.session_id)).value or b"")["action"] == "cancel"

@@ -291,3 +291,18 @@ async def test_health_and_openapi(client: httpx.AsyncClient) -> None:
     start = spec["paths"]["/api/sessions/{session_id}/start"]["post"]
     assert "409" in start["responses"]
     assert any(parameter["name"] == "Idempotency-Key" for parameter in start["parameters"])
+
+
+async def test_missing_tables_is_503_naming_migrate(
+    nats_server: EmbeddedNats, postgres_server, store: EventStore
+) -> None:
+    empty = postgres_server.create_database(f"gateway_empty_{uuid.uuid4().hex[:8]}")
+    server = GatewayServer(gateway_settings(nats_server.url, empty)).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            listing = await http.get("/api/sessions")
+    finally:
+        server.stop()
+
+    assert listing.status_code == 503
+    assert "stepwise-projector migrate" in listing.json()["error"]["message"]

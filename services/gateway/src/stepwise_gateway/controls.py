@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nats.js import JetStreamContext
+from nats.js.errors import APIError, KeyDeletedError, KeyNotFoundError
 from stepwise_libs import commands as cmd
 from stepwise_libs import fold as states
 from stepwise_libs import subjects
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 IDEMPOTENCY_NAMESPACE = uuid.UUID("5b0e3c1e-9f53-4d0a-8a63-0c4f1f6f7d21")
 
 RUNNING_TASK = "running"
+# Controls that set a session running again and so retire an earlier pause flag.
+RESUMING_CONTROLS = frozenset({"start", "continue", "run_till_end", "retry_step", "skip_step"})
 
 
 class Rejection(Exception):
@@ -141,6 +144,9 @@ def _running(state: SessionState) -> None:
 
 
 def check_start(state: SessionState) -> None:
+    # NOTE: two starts sent before the executor appends execution_started both pass this
+    # check, because a queued command is not in the events yet; the executor must reject
+    # the second one.
     _not_cancelled(state)
     _plan_exists(state)
     _running(state)
@@ -398,6 +404,8 @@ async def submit(
         ack = await publish_command(js, subject, command)
         if control.flag is not None:
             await put_control_flag(js, session_id, control.flag, command_id)
+        elif control.name in RESUMING_CONTROLS:
+            await clear_pause_flag(js, session_id)
     logger.info(
         "command queued",
         extra={**log_context, "task_id": task_id, "duplicate": bool(ack.duplicate)},
@@ -429,6 +437,22 @@ async def reject(
             command_id=command_id,
             event_id=event_id,
         )
+
+
+async def clear_pause_flag(js: JetStreamContext, session_id: str) -> None:
+    """Delete a pause flag, so the executor does not pause again after the run resumes."""
+    bucket = await js.key_value(subjects.CONTROL_BUCKET)
+    try:
+        entry = await bucket.get(session_id)
+    except (KeyNotFoundError, KeyDeletedError):
+        return
+    if json.loads(entry.value or b"{}").get("action") != "pause":
+        return
+    try:
+        await bucket.delete(session_id, last=entry.revision)
+    except APIError:
+        # A newer flag was put in the meantime; it stays.
+        logger.info("kept a control flag newer than the pause", extra={"session_id": session_id})
 
 
 async def put_control_flag(

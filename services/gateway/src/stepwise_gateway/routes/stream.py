@@ -2,10 +2,12 @@
 
 WebSocket `/api/sessions/{id}/ws?since=N` sends each event after N as its JSON
 envelope (with `seq` and `position`), then live ones. It also takes control
-commands, such as `{"command": "pause_execution"}`, and replies to each on the same
-socket; events carry a `seq` and replies do not. Close codes: 4404 unknown session, 4422 invalid `since`, 4008 the client
-fell more than STEPWISE_CLIENT_BUFFER messages behind (reconnect with
-since=<last seq received>), 1013 NATS unavailable. The server pings every
+commands, such as `{"command": "pause_execution"}`, and replies to each on the
+same socket. Events carry a `seq` and replies do not.
+
+Close codes: 4404 unknown session, 4422 invalid `since`, 4008 the client fell
+more than STEPWISE_CLIENT_BUFFER messages behind (reconnect with since=<last seq
+received>), 1013 NATS unavailable. The server pings every
 STEPWISE_WS_PING_INTERVAL seconds and drops a client that does not answer within
 STEPWISE_WS_PING_TIMEOUT seconds.
 """
