@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
-from planner_helpers import PlannerProcess
+from planner_helpers import PLANNER_SCRIPT, PlannerProcess
 from stepwise_libs.jetstream import EventStore
 
 from stepwise.embedded import EmbeddedNats
-
-PLANNER_SCRIPT = Path(sys.executable).with_name("stepwise-planner")
 
 
 @pytest.fixture

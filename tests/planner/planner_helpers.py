@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from stepwise_libs.events import Event, SessionCreated
 from stepwise_libs.jetstream import EventStore
+
+PLANNER_SCRIPT = Path(sys.executable).with_name("stepwise-planner")
 
 
 async def create_session(

@@ -291,3 +291,28 @@ async def test_continuation_sends_existing_steps(
     assert '5. Click "Checkout"' in completed.plan_text
     assert json.dumps(events[-1].data)  # the event body is plain JSON
     await service.drain(1)
+
+
+@pytest.mark.parametrize(
+    ("model", "category", "text"),
+    [
+        ("gemini-2.5-flash", "configuration", "GEMINI_API_KEY"),
+        ("gpt-4o", "unsupported_model", "Unsupported model 'gpt-4o'"),
+    ],
+)
+async def test_unusable_model_fails_plan(
+    store: EventStore, model: str, category: str, text: str
+) -> None:
+    service = PlannerService(store, PlannerSettings(gemini_api_key=None))
+    session_id = await create_session(store, 'Click "Login"', llm_model=model)
+    command = new_command(
+        session_id, GeneratePlan(test_case='Click "Login"', target_url="http://x/", llm_model=model)
+    )
+
+    await service.process(command, command.body())
+
+    events = await store.read(session_id)
+    assert [event.type for event in events] == ["session_created", "plan_started", "plan_failed"]
+    assert events[-1].data["category"] == category
+    assert text in events[-1].data["error"]
+    await service.drain(1)

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import threading
 from collections.abc import Callable
 
 from fakes.gemini import FakeGemini, RecordedRequest, Reply
 from nats.aio.client import Client as NATS
-from planner_helpers import PlannerProcess, create_session, is_plan_end, wait_for_event
+from planner_helpers import (
+    PLANNER_SCRIPT,
+    PlannerProcess,
+    create_session,
+    is_plan_end,
+    wait_for_event,
+)
 from stepwise_libs import subjects
 from stepwise_libs.commands import ContinuePlan, GeneratePlan, encode_command, new_command
 from stepwise_libs.events import Event
 from stepwise_libs.jetstream import EventStore, publish_command
+
+from stepwise.embedded import EmbeddedNats
 
 CHECKOUT = """\
 1. Open the login page
@@ -290,3 +300,16 @@ async def test_plans_run_concurrently(
 
     for events in ends:
         assert events[-1].type == "plan_completed", events[-1].data
+
+
+def test_bad_setting_fails_at_start(nats_server: EmbeddedNats) -> None:
+    environment = {**os.environ, "STEPWISE_NATS_URL": nats_server.url}
+    environment["STEPWISE_PLANNER_CONCURRENCY"] = "many"
+
+    result = subprocess.run(
+        [str(PLANNER_SCRIPT)], env=environment, capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode == 2
+    assert "STEPWISE_PLANNER_CONCURRENCY='many'" in result.stderr
+    assert "expected an integer" in result.stderr
