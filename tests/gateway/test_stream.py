@@ -103,7 +103,8 @@ async def test_websocket_commands_answered_on_socket(
         malformed = await receive_json(socket)
         await socket.send(json.dumps({"command": "act", "task": ""}))
         invalid = await receive_json(socket)
-        await socket.send(json.dumps({"command": "task_status"}))
+        # A binary frame works as well as a text frame.
+        await socket.send(json.dumps({"command": "task_status"}).encode())
         status = await receive_json(socket)
 
     assert rejected["type"] == "command_rejected"

@@ -73,7 +73,7 @@ class Runtime:
                 await ensure_topology(js, self.settings.stream_replicas)
             except asyncio.CancelledError:
                 raise
-            except Exception as error:
+            except Exception as error:  # keep retrying until NATS is reachable
                 logger.warning(
                     "connecting to NATS failed, retrying: %s", error, extra={"nats_url": url}
                 )

@@ -11,6 +11,7 @@ and a malformed one with `{"type": "error", "code": ..., "message": ...}`.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from .controls import CONTROLS, load_state, submit
@@ -23,6 +24,8 @@ from .validation import (
     check_idempotency_key,
     check_text,
 )
+
+logger = logging.getLogger(__name__)
 
 # Every accepted command name, REST-style and command-type style, mapped to its control.
 ALIASES = {
@@ -50,6 +53,7 @@ TASK_STATUS = "task_status"
 
 
 def _error(code: str, message: str, field: str | None, request_id: Any) -> dict[str, Any]:
+    logger.info("invalid WebSocket command: %s", message, extra={"code": code, "field": field})
     return {
         "type": "error",
         "code": code,

@@ -38,7 +38,7 @@ async def readyz(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Readiness
             async with runtime.engine.connect() as connection:
                 await connection.execute(text("select 1"))
         database_state = "ok"
-    except Exception as error:
+    except Exception as error:  # any failure means not ready
         database_state = (
             f"unreachable: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
         )

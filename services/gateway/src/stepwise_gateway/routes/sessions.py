@@ -6,6 +6,7 @@ import logging
 import uuid
 from typing import Annotated, Any
 
+import nats.errors
 from fastapi import APIRouter, Depends, Query, status
 from stepwise_libs import subjects
 from stepwise_libs.commands import GeneratePlan, new_command
@@ -15,7 +16,7 @@ from stepwise_libs.jetstream import publish_command
 
 from stepwise_gateway.controls import IDEMPOTENCY_NAMESPACE
 from stepwise_gateway.dependencies import get_runtime, idempotency_key_header, session_id_path
-from stepwise_gateway.errors import InvalidInput, SessionNotFound
+from stepwise_gateway.errors import InvalidInput, NatsUnavailable, SessionNotFound
 from stepwise_gateway.readmodels import (
     detail_from_rows,
     detail_from_state,
@@ -114,12 +115,25 @@ async def create_session(
                 event_id=event_id,
             )
         )
-        command = new_command(
-            session_id,
-            GeneratePlan(test_case=test_case, target_url=target_url, llm_model=model),
-            command_id=command_id,
-        )
+    command = new_command(
+        session_id,
+        GeneratePlan(test_case=test_case, target_url=target_url, llm_model=model),
+        command_id=command_id,
+    )
+    try:
         await publish_command(js, subjects.planner_command_subject("generate_plan"), command)
+    except (nats.errors.Error, TimeoutError, OSError) as error:
+        # The session exists now, so the client is told how to get its plan queued.
+        logger.warning(
+            "session created but generate_plan not queued: %s",
+            error,
+            extra={"session_id": session_id, "command_id": command_id},
+        )
+        raise NatsUnavailable(
+            f"session {session_id} was created, but queueing its plan generation failed "
+            f"because NATS is unavailable ({error or type(error).__name__}); send the request "
+            "again with an Idempotency-Key header so a retry reuses the session"
+        ) from error
 
     logger.info(
         "session created",

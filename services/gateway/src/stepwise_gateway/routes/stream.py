@@ -180,19 +180,20 @@ async def session_socket(websocket: WebSocket, session_id: str) -> None:
     try:
         check_session_id(session_id)
     except GatewayError:
-        await websocket.close(CLOSE_NOT_FOUND, f"no session with id {session_id!r}")
+        await _close(websocket, session_id, CLOSE_NOT_FOUND, f"no session with id {session_id!r}")
         return
     if not since_text.isdigit():
-        await websocket.close(CLOSE_INVALID, f"since={since_text!r} is not a non-negative integer")
+        reason = f"since={since_text!r} is not a non-negative integer"
+        await _close(websocket, session_id, CLOSE_INVALID, reason)
         return
     try:
         _, store = runtime.jetstream()
         _, last_seq = await store.last(session_id)
-    except Exception as error:
-        await websocket.close(CLOSE_UNAVAILABLE, f"NATS unavailable: {error}"[:120])
+    except Exception as error:  # any NATS failure means: try again later
+        await _close(websocket, session_id, CLOSE_UNAVAILABLE, f"NATS unavailable: {error}")
         return
     if last_seq == 0:
-        await websocket.close(CLOSE_NOT_FOUND, f"no session with id {session_id!r}")
+        await _close(websocket, session_id, CLOSE_NOT_FOUND, f"no session with id {session_id!r}")
         return
 
     outbox = Outbox(runtime.settings.client_buffer)
@@ -207,18 +208,24 @@ async def session_socket(websocket: WebSocket, session_id: str) -> None:
         if overflow in done:
             await cancel_all(sender)
             reason = f"client too slow; reconnect with since={outbox.last_sent_seq}"
-            await websocket.close(CLOSE_TOO_SLOW, reason)
+            await _close(websocket, session_id, CLOSE_TOO_SLOW, reason)
         elif pump in done and pump.exception() is not None:
             logger.warning(
                 "event tail failed: %s", pump.exception(), extra={"session_id": session_id}
             )
-            await websocket.close(
-                CLOSE_UNAVAILABLE, "event stream unavailable; reconnect with since"
-            )
-    except Exception:
-        logger.debug("closing the socket failed", exc_info=True)
+            reason = f"event stream unavailable; reconnect with since={outbox.last_sent_seq}"
+            await _close(websocket, session_id, CLOSE_UNAVAILABLE, reason)
+    except Exception:  # the client may be gone already, so closing can fail
+        logger.debug("closing the socket failed", exc_info=True, extra={"session_id": session_id})
     finally:
         await cancel_all(pump, receiver, sender, overflow)
+
+
+async def _close(websocket: WebSocket, session_id: str, code: int, reason: str) -> None:
+    # A close frame's reason is at most 123 bytes of UTF-8.
+    reason = reason.encode()[:123].decode(errors="ignore")
+    logger.info("closing WebSocket: %s", reason, extra={"session_id": session_id, "code": code})
+    await websocket.close(code, reason)
 
 
 async def _send(websocket: WebSocket, outbox: Outbox) -> None:
@@ -236,8 +243,21 @@ async def _receive_commands(
 ) -> None:
     try:
         while True:
-            text = await websocket.receive_text()
-            reply = await socket_commands.handle(runtime, session_id, text)
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                text = (message.get("bytes") or b"").decode("utf-8", errors="replace")
+            try:
+                reply = await socket_commands.handle(runtime, session_id, text)
+            except Exception as error:  # one bad command must not end the stream
+                logger.exception("WebSocket command failed", extra={"session_id": session_id})
+                reply = {
+                    "type": "error",
+                    "code": "internal_error",
+                    "message": f"internal error: {type(error).__name__}; see the gateway log",
+                }
             outbox.put(reply)
     except WebSocketDisconnect:
         return
