@@ -161,7 +161,7 @@ def _run_against(
     gateway_url: str, test_case: str, target_url: str, model: str | None, timeout: float
 ) -> RunOutcome:
     with GatewayClient(gateway_url) as client:
-        return SessionRun(client, console, timeout).run(test_case, target_url, model)
+        return SessionRun(client, console, timeout, error_console).run(test_case, target_url, model)
 
 
 @app.command()

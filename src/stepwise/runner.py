@@ -65,9 +65,16 @@ def _format_action(action: dict[str, Any]) -> str:
 class SessionRun:
     """Follow one session's events, print them, and decide the exit code."""
 
-    def __init__(self, client: GatewayClient, console: Console, timeout: float) -> None:
+    def __init__(
+        self,
+        client: GatewayClient,
+        console: Console,
+        timeout: float,
+        error_console: Console | None = None,
+    ) -> None:
         self.client = client
         self.console = console
+        self.error_console = error_console or Console(stderr=True, soft_wrap=True)
         self.timeout = timeout
         self.session_id = ""
         self.last_seq = 0
@@ -89,6 +96,7 @@ class SessionRun:
         try:
             created = self.client.create_session(test_case, target_url, model)
         except GatewayError as error:
+            self.error_console.print(f"[red]error:[/red] {escape(str(error))}")
             code = EXIT_USAGE if error.bad_input else EXIT_FAILED
             return RunOutcome(code, None, str(error))
         self.session_id = str(created["session_id"])

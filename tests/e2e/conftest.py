@@ -7,8 +7,12 @@ see no other test's commands.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -40,10 +44,37 @@ def e2e_site() -> Iterator[SampleSite]:
         yield site
 
 
+@contextmanager
+def stack_home() -> Iterator[Path]:
+    """Create a data folder for a stack outside pytest's temporary folders.
+
+    Postgres runs as an unprivileged user when the tests run as root, so it must
+    be able to walk down to its data. Each pytest start resets
+    /tmp/pytest-of-<user> to mode 0700, so a concurrent pytest run would lock
+    that user out of a folder under it.
+    """
+    home = Path(tempfile.mkdtemp(prefix="stepwise-e2e-"))
+    try:
+        yield home
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    with stack_home() as path:
+        yield path
+
+
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack() -> Iterator[Stack]:
+    with stack_home() as home:
+        yield from _run_stack(home)
+
+
+def _run_stack(home: Path) -> Iterator[Stack]:
     config = StackConfig(
-        home=tmp_path_factory.mktemp("stack"),
+        home=home,
         port=0,
         restart=False,
         extra_env=dict(OFFLINE_ENV),

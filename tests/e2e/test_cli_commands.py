@@ -65,14 +65,15 @@ def test_run_exits_zero_when_case_passes(
 
 
 @pytest.mark.timeout(600)
-def test_run_exits_one_when_case_fails(stack: Stack, e2e_site: SampleSite, tmp_path: Path) -> None:
+def test_run_exits_one_when_case_fails(stack: Stack, e2e_site: SampleSite) -> None:
+    # No --gateway: the CLI finds the running stack through $STEPWISE_HOME/stack.json.
     result = _run_cli(
-        ["run", "--gateway", stack.gateway_url, "--url", e2e_site.base_url,
-         "--file", str(SAMPLES_DIR / "failing.txt")],
-        tmp_path,
+        ["run", "--url", e2e_site.base_url, "--file", str(SAMPLES_DIR / "failing.txt")],
+        stack.home,
         timeout=500,
-    )  # fmt: skip
+    )
 
+    assert f"Live view: {stack.gateway_url}/sessions/" in result.stdout
     assert result.returncode == 1, result.stdout + result.stderr
     assert "✗ Step 6 failed" in result.stdout
     assert "Free shipping on every order" in result.stdout
@@ -119,8 +120,7 @@ def _interrupt(process: subprocess.Popen[str], seconds: float) -> tuple[int, str
 
 
 @pytest.mark.timeout(900)
-def test_up_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
-    home = tmp_path / "home"
+def test_up_stops_cleanly_and_keeps_data(home: Path) -> None:
     port = free_port()
     command = [*STEPWISE, "up", "--port", str(port)]
 
@@ -172,10 +172,10 @@ def test_up_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_demo_once_runs_sample_case(tmp_path: Path) -> None:
-    result = _run_cli(["demo", "--once"], tmp_path / "home", timeout=800)
+def test_demo_once_runs_sample_case(home: Path) -> None:
+    result = _run_cli(["demo", "--once"], home, timeout=800)
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Sample shop on http://127.0.0.1:" in result.stdout
     assert "Test passed: 16 passed" in result.stdout
-    assert not (tmp_path / "home" / "stack.json").exists()
+    assert not (home / "stack.json").exists()
