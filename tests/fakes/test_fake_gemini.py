@@ -85,3 +85,35 @@ async def test_streaming_and_default_responses(fake_gemini: FakeGemini) -> None:
     assert seen[0].rpc == "streamGenerateContent"
     assert seen[0].query.get("alt") == ["sse"]
     assert seen[0].model == "gemini-2.5-pro"
+
+
+async def test_browser_use_chat_google_reaches_fake(
+    fake_gemini: FakeGemini, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ANONYMIZED_TELEMETRY", "false")
+    monkeypatch.setenv("BROWSER_USE_VERSION_CHECK", "false")
+    from browser_use.llm.google.chat import ChatGoogle
+    from browser_use.llm.messages import SystemMessage, UserMessage
+    from pydantic import BaseModel
+
+    class Verdict(BaseModel):
+        answer: str
+
+    fake_gemini.reply_json({"answer": "42"})
+    llm = ChatGoogle(
+        model="gemini-2.5-flash",
+        api_key="test-key",
+        http_options={"base_url": fake_gemini.base_url},
+    )
+
+    result = await llm.ainvoke(
+        [SystemMessage(content="be brief"), UserMessage(content="the answer?")],
+        output_format=Verdict,
+    )
+
+    assert result.completion == Verdict(answer="42")
+    (request,) = fake_gemini.requests
+    assert request.path == "/v1beta/models/gemini-2.5-flash:generateContent"
+    assert request.generation_config["responseMimeType"] == "application/json"
+    assert "answer" in request.generation_config["responseSchema"]["properties"]
+    assert "be brief" in request.prompt_text
