@@ -155,7 +155,7 @@ def test_image_build_stage_dependencies(service: str, tmp_path: Path) -> None:
             assert f"--package stepwise-{service}" in command
             assert "--no-dev" in command
             result = subprocess.run(
-                shlex.split(command),
+                [_uv(), *shlex.split(command)[1:]],
                 cwd=workdir,
                 env=environment,
                 capture_output=True,
@@ -192,6 +192,15 @@ def test_image_build_stage_dependencies(service: str, tmp_path: Path) -> None:
         assert (f"stepwise-{other}" in names) == (other == service)
     assert "pytest" not in names
     assert "stepwise" not in names
+
+
+def _uv() -> str:
+    """Return the uv that runs this test: `uv run` exports its own path as UV."""
+    candidates = [os.environ.get("UV"), shutil.which("uv"), str(Path.home() / ".local/bin/uv")]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return candidate
+    raise AssertionError("uv not found: run the tests with `uv run pytest` or put uv on PATH")
 
 
 def _copy(source: str, target: str, context: set[str], workdir: Path) -> None:
