@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext, api
-from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, NoStreamResponseError, NotFoundError
 
 from . import subjects
 from .commands import Command, encode_command
@@ -144,9 +145,14 @@ class EventStore:
     session cannot both take the same `seq`; the loser re-reads the tail and retries.
     """
 
-    def __init__(self, js: JetStreamContext, max_attempts: int = 50) -> None:
+    def __init__(
+        self, js: JetStreamContext, max_attempts: int = 50, unavailable_timeout: float = 30.0
+    ) -> None:
         self._js = js
+        # Conflicts with other writers allowed per append before giving up.
         self._max_attempts = max_attempts
+        # Seconds an append keeps retrying while the stream has no leader or NATS is away.
+        self._unavailable_timeout = unavailable_timeout
         self._tails: dict[str, _Tail] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -174,7 +180,10 @@ class EventStore:
         async with lock:
             event = new_event(session_id, 0, payload, command_id=command_id, event_id=event_id)
             subject = subjects.session_events_subject(session_id)
-            for attempt in range(1, self._max_attempts + 1):
+            conflicts = 0
+            unavailable = 0
+            deadline = time.monotonic() + self._unavailable_timeout
+            while True:
                 tail = self._tails.get(session_id)
                 if tail is None:
                     position, seq = await self.last(session_id)
@@ -194,23 +203,30 @@ class EventStore:
                 except APIError as error:
                     if error.err_code != WRONG_LAST_SEQUENCE:
                         raise
+                    conflicts += 1
+                    if conflicts >= self._max_attempts:
+                        raise AppendConflictError(session_id, conflicts) from error
                     logger.debug(
                         "append conflict, re-reading tail",
-                        extra={"session_id": session_id, "attempt": attempt},
+                        extra={"session_id": session_id, "attempt": conflicts},
                     )
                     self._tails.pop(session_id, None)
                     # A jittered pause keeps a writer with a warm cache from winning every race.
-                    await asyncio.sleep(random.uniform(0, 0.002 * attempt))
+                    await asyncio.sleep(random.uniform(0, 0.002 * conflicts))
                     continue
-                except NatsTimeoutError:
-                    # The message may be stored: the retry carries the same Nats-Msg-Id,
-                    # so the server answers it as a duplicate instead of storing it twice.
-                    logger.warning(
-                        "append timed out, retrying",
-                        extra={"session_id": session_id, "attempt": attempt},
-                    )
-                    if attempt == self._max_attempts:
+                except (NatsTimeoutError, NoStreamResponseError) as error:
+                    # The stream is electing a leader or the server is away. The message may
+                    # still be stored: the retry carries the same Nats-Msg-Id, so the server
+                    # answers it as a duplicate instead of storing it twice.
+                    unavailable += 1
+                    if time.monotonic() >= deadline:
                         raise
+                    logger.warning(
+                        "append failed (%s), retrying",
+                        type(error).__name__,
+                        extra={"session_id": session_id, "attempt": unavailable},
+                    )
+                    await asyncio.sleep(min(0.05 * 2**unavailable, 1.0))
                     continue
                 if ack.duplicate:
                     stored = await self._js.get_msg(subjects.EVENTS_STREAM, seq=ack.seq, direct=True)
@@ -220,7 +236,6 @@ class EventStore:
                 self._tails[session_id] = _Tail(ack.seq, event.seq)
                 event.position = ack.seq
                 return event
-            raise AppendConflictError(session_id, self._max_attempts)
 
     def forget(self, session_id: str) -> None:
         """Drop cached state about a session that this process no longer writes to."""
