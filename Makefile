@@ -10,6 +10,7 @@ SHELL := /bin/bash
 UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 CHROMIUM ?= $(or $(STEPWISE_CHROMIUM),/usr/bin/chromium)
 PYTEST_ARGS ?= -q -ra --timeout=600
+BENCH_ARGS ?=
 ONCE ?=
 DEMO_ARGS ?= $(if $(ONCE),--once)
 
@@ -22,7 +23,7 @@ help:
 	@echo "make demo        run the stack and the sample test case (ONCE=1 exits when the run ends)"
 	@echo "make test        run the test suite (PYTEST_ARGS='$(PYTEST_ARGS)')"
 	@echo "make lint        ruff format --check, ruff check, mypy"
-	@echo "make bench       run the benchmarks in bench/"
+	@echo "make bench       run the benchmarks in bench/ (BENCH_ARGS=--short for a quick pass)"
 	@echo "make setup       install uv, the Python packages and chromium only"
 
 demo: setup
@@ -32,7 +33,8 @@ test: setup
 	$(UV) run --frozen pytest $(PYTEST_ARGS)
 
 bench: setup
-	@if [ -x bench/run ]; then bench/run; else echo "bench/ has no benchmarks yet (expected an executable bench/run)"; fi
+	@if [ -f bench/__main__.py ]; then $(UV) run --frozen python -m bench $(BENCH_ARGS); \
+	else echo "bench/ has no benchmarks yet (expected bench/__main__.py)"; fi
 
 lint: sync
 	$(UV) run --frozen ruff format --check .

@@ -72,7 +72,7 @@ class _StopRequested(Exception):
 
 @contextmanager
 def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """Set `stop` on the first SIGINT or SIGTERM; later ones only say that the stack is stopping."""
+    """Set `stop` on the first SIGINT or SIGTERM; later ones print that the stack is stopping."""
 
     def handle(signum: int, frame: FrameType | None) -> None:
         if stop.is_set():
@@ -144,7 +144,7 @@ def _read_test_case(text: str | None, file: Path | None) -> str:
         try:
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
-            raise _fail_usage(f"cannot read the test case file {file}: {error}") from error
+            raise _fail_usage(f"failed to read the test case file {file}: {error}") from error
         if not text.strip():
             raise _fail_usage(f"the test case file {file} is empty")
         return text
@@ -316,7 +316,10 @@ def demo(
         gateway_url = running_gateway(default_home())
         try:
             if gateway_url is None:
-                chosen_port = port if port is not None else (0 if once else 8000)
+                # With --once nobody opens the web UI, so any free port will do.
+                chosen_port = port
+                if chosen_port is None:
+                    chosen_port = 0 if once else 8000
                 stack = _start_stack(StackConfig.from_env(host=host, port=chosen_port))
                 gateway_url = stack.gateway_url
                 _print_urls(stack)

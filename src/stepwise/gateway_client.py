@@ -90,7 +90,7 @@ class GatewayClient:
         return body
 
     def ready(self) -> bool:
-        """Return True when the gateway answers /readyz with 200."""
+        """Return True when the gateway's /readyz returns 200."""
         try:
             return self.http.get("/readyz", timeout=3.0).status_code == 200
         except httpx.HTTPError:
@@ -121,7 +121,7 @@ class GatewayClient:
     def events(self, session_id: str, since: int, idle_timeout: float) -> Iterator[dict[str, Any]]:
         """Yield the session's events after `since` from its WebSocket, then live ones.
 
-        Messages without a `seq` (command answers, notices) are skipped. Raises
+        Messages without a `seq` (replies to socket commands, notices) are skipped. Raises
         `TimeoutError` when no message arrives for `idle_timeout` seconds and
         `ConnectionClosed` or `OSError` when the socket drops; the caller
         reconnects with the last seq it saw.

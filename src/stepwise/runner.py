@@ -31,13 +31,13 @@ EXIT_PASSED = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
-# Reconnects to the session WebSocket before the runner gives up.
+# Maximum reconnects to the session WebSocket in a row before the runner gives up.
 MAX_RECONNECTS = 10
 
 
 @dataclass
 class RunOutcome:
-    """How a run ended: the exit code, the session id and a one-line summary."""
+    """The end of a run: exit code, session id and a one-line summary."""
 
     exit_code: int
     session_id: str | None

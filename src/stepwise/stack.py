@@ -4,8 +4,8 @@ Start order: nats-server and Postgres (embedded unless `STEPWISE_NATS_URL` and
 `STEPWISE_DATABASE_URL` point at running ones), `stepwise-projector migrate`,
 then projector, planner, executor and gateway, each its own process with its
 log under `$STEPWISE_HOME/logs/`. Stop order is the reverse. While the stack
-runs, `$STEPWISE_HOME/stack.json` records the gateway URL and the pids so that
-`stepwise run` can find it; a lock file keeps a second supervisor off the same
+runs, `$STEPWISE_HOME/stack.json` records the gateway URL and the pids, so that
+`stepwise run` can find it. A lock file keeps a second supervisor off the same
 data folder.
 """
 
@@ -50,11 +50,11 @@ Reporter = Callable[[str, str], None]
 
 
 class StackError(RuntimeError):
-    """The stack could not start or lost a part it cannot restart; the message says which."""
+    """The stack could not start, or lost a part it cannot restart; the message names the part."""
 
 
 class StackAlreadyRunningError(StackError):
-    """Another supervisor holds the data folder."""
+    """Another supervisor has locked the data folder."""
 
     def __init__(self, home: Path, gateway_url: str | None) -> None:
         where = f" with its gateway on {gateway_url}" if gateway_url else ""
@@ -73,7 +73,7 @@ def default_home(environ: Mapping[str, str] = os.environ) -> Path:
 
 @dataclass
 class StackConfig:
-    """What the supervisor starts and where; `port=0` picks a free gateway port."""
+    """Settings of one stack: data folder, gateway address, servers; `port=0` picks a free port."""
 
     home: Path
     host: str = "127.0.0.1"
@@ -184,7 +184,7 @@ class Stack:
     # --- start -------------------------------------------------------------------
 
     def start(self) -> Stack:
-        """Start everything and wait until the gateway answers /readyz and each worker is ready."""
+        """Start everything, then wait until the gateway passes /readyz and each worker is ready."""
         self.home.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
@@ -268,7 +268,7 @@ class Stack:
             env["STEPWISE_HOST"] = self.config.host
             env["STEPWISE_PORT"] = str(self.port)
         if name == "executor":
-            # browser-use reaches the internet at start unless told not to.
+            # browser-use 0.13 contacts the internet at start unless these are false.
             env.setdefault("ANONYMIZED_TELEMETRY", "false")
             env.setdefault("BROWSER_USE_VERSION_CHECK", "false")
         return env
@@ -392,8 +392,8 @@ class Stack:
     def stop(self) -> None:
         """Stop the services in reverse order, then the embedded servers; idempotent."""
         self._stopping = True
-        # The gateway goes first so that no new command arrives; the workers then stop
-        # side by side, because each may take its whole timeout to finish its work.
+        # The gateway goes first, so no new command arrives. The workers then stop side
+        # by side, because each may take its whole timeout to finish its work.
         self._stop_services(["gateway"])
         self._stop_services([name for name in reversed(SERVICES) if name != "gateway"])
         if self.postgres is not None:
@@ -501,7 +501,7 @@ def read_state(home: Path) -> dict[str, Any] | None:
 
 
 def running_gateway(home: Path, timeout: float = 2.0) -> str | None:
-    """Return the gateway URL of a stack running on `home`, if it answers /readyz."""
+    """Return the gateway URL of a stack running on `home`, if its /readyz returns 200."""
     state = read_state(home)
     if state is None or not processes.alive(int(state.get("supervisor_pid") or 0)):
         return None
