@@ -26,7 +26,8 @@ same socket, like `{"command": "pause_execution"}`; the reply is
 Events carry a `seq`; replies do not.
 Close codes: 4404 unknown session, 4422 invalid `since`, 4008 the client fell too
 far behind (reconnect with `since` set to the last seq received), 1013 NATS
-unavailable.
+unavailable. The server pings every STEPWISE_WS_PING_INTERVAL seconds (20 by default)
+and drops a client that sends no pong within STEPWISE_WS_PING_TIMEOUT seconds.
 """
 
 

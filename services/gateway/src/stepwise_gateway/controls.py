@@ -145,7 +145,7 @@ def _running(state: SessionState) -> None:
 
 def check_start(state: SessionState) -> None:
     # NOTE: two starts sent before the executor appends execution_started both pass this
-    # check, because a queued command is not in the events yet; the executor must reject
+    # check, because a queued command is not in the events yet. The executor must reject
     # the second one.
     _not_cancelled(state)
     _plan_exists(state)

@@ -50,7 +50,7 @@ class Runtime:
         self.notifier = ProjectionNotifier(settings.database_url)
 
     async def start(self) -> None:
-        # NATS may come up after the gateway: connect in the background, answer 503 until then.
+        # NATS may come up after the gateway: connect in the background and return 503 until then.
         self._connecting = asyncio.create_task(self._connect_nats(), name="connect-nats")
 
     async def stop(self) -> None:
@@ -110,7 +110,7 @@ def nats_errors(action: str) -> Iterator[None]:
 
 @contextlib.asynccontextmanager
 async def database_errors() -> AsyncIterator[None]:
-    """Turn a Postgres failure into a 503 JSON error that says what to do."""
+    """Turn a Postgres failure into a 503 JSON error with the next step to take."""
     try:
         yield
     except ProgrammingError as error:

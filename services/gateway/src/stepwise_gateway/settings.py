@@ -36,7 +36,7 @@ class GatewaySettings(CommonSettings):
     port: int = field(default_factory=lambda: env_int("STEPWISE_PORT", 8000, 0))
     # Events a WebSocket or SSE client may fall behind by before it is closed (code 4008).
     client_buffer: int = field(default_factory=lambda: env_int("STEPWISE_CLIENT_BUFFER", 1000, 1))
-    # Longest time, in seconds, a read with `wait_for_seq` waits for the projector.
+    # Maximum time, in seconds, a read with `wait_for_seq` waits for the projector.
     max_wait_for_seq: float = field(
         default_factory=lambda: env_float("STEPWISE_MAX_WAIT_FOR_SEQ", 10.0, 0.0)
     )

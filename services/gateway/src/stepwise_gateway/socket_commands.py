@@ -1,4 +1,4 @@
-"""Control commands sent as JSON messages on a session's WebSocket, answered on the same socket.
+"""Control commands sent as JSON messages on a session's WebSocket, replied to on that socket.
 
 A message is `{"command": NAME, ...}` with the fields the REST control takes
 (`task`, `previous_context`, `task_prompt`), an optional `idempotency_key` and an

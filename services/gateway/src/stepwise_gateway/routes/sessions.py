@@ -123,7 +123,7 @@ async def create_session(
     try:
         await publish_command(js, subjects.planner_command_subject("generate_plan"), command)
     except (nats.errors.Error, TimeoutError, OSError) as error:
-        # The session exists now, so the client is told how to get its plan queued.
+        # The session exists now, so the error message explains how to get its plan queued.
         logger.warning(
             "session created but generate_plan not queued: %s",
             error,

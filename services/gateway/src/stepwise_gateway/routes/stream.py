@@ -8,7 +8,7 @@ same socket. Events carry a `seq` and replies do not.
 Close codes: 4404 unknown session, 4422 invalid `since`, 4008 the client fell
 more than STEPWISE_CLIENT_BUFFER messages behind (reconnect with since=<last seq
 received>), 1013 NATS unavailable. The server pings every
-STEPWISE_WS_PING_INTERVAL seconds and drops a client that does not answer within
+STEPWISE_WS_PING_INTERVAL seconds and drops a client that sends no pong within
 STEPWISE_WS_PING_TIMEOUT seconds.
 """
 
