@@ -1,6 +1,6 @@
 """The web UI: one HTML shell for every page, its static assets and the little config it needs.
 
-The shell answers `/` (session list and the new-session form) and
+The shell is served at `/` (session list and the new-session form) and
 `/sessions/{id}` (the session page; `?at=<seq>` replays it as of that event).
 The pages are plain ES modules under `/ui/`, served from the package's `static`
 folder, so the UI works offline and needs no build step.
@@ -14,10 +14,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse
 
-from ..dependencies import get_runtime
-from ..errors import NotFound
-from ..runtime import Runtime
-from ..validation import OFFLINE_MODEL
+from stepwise_gateway.dependencies import get_runtime
+from stepwise_gateway.errors import NotFound
+from stepwise_gateway.runtime import Runtime
+from stepwise_gateway.validation import OFFLINE_MODEL
 
 router = APIRouter(include_in_schema=False)
 
@@ -30,13 +30,16 @@ MEDIA_TYPES = {
 }
 # The Gemini model the form offers when the gateway has an API key.
 GEMINI_FORM_MODEL = "gemini-2.5-flash"
-# Browsers revalidate assets on each load (cheap with ETag), so an upgraded gateway serves new code at once.
+# Browsers revalidate assets on each load (cheap with an ETag), so an upgraded
+# gateway serves its new code at once.
 ASSET_CACHE = "no-cache"
 
 
 def _asset_names() -> dict[str, Path]:
     return {
-        path.name: path for path in STATIC_DIR.iterdir() if path.is_file() and path.suffix in MEDIA_TYPES
+        path.name: path
+        for path in STATIC_DIR.iterdir()
+        if path.is_file() and path.suffix in MEDIA_TYPES
     }
 
 
@@ -44,7 +47,11 @@ ASSETS = _asset_names()
 
 
 def _shell() -> FileResponse:
-    return FileResponse(STATIC_DIR / "index.html", media_type=MEDIA_TYPES[".html"], headers={"Cache-Control": ASSET_CACHE})
+    return FileResponse(
+        STATIC_DIR / "index.html",
+        media_type=MEDIA_TYPES[".html"],
+        headers={"Cache-Control": ASSET_CACHE},
+    )
 
 
 @router.get("/")
@@ -66,7 +73,11 @@ async def ui_config(runtime: Annotated[Runtime, Depends(get_runtime)]) -> dict[s
         models.append(GEMINI_FORM_MODEL)
     if settings.default_model not in models:
         models.append(settings.default_model)
-    return {"models": models, "default_model": settings.default_model, "gemini_configured": settings.gemini_configured}
+    return {
+        "models": models,
+        "default_model": settings.default_model,
+        "gemini_configured": settings.gemini_configured,
+    }
 
 
 @router.get("/ui/{name}")
@@ -74,4 +85,6 @@ async def asset(name: str) -> FileResponse:
     path = ASSETS.get(name)
     if path is None:
         raise NotFound(f"the web UI has no file {name!r}", field="name", code="asset_not_found")
-    return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers={"Cache-Control": ASSET_CACHE})
+    return FileResponse(
+        path, media_type=MEDIA_TYPES[path.suffix], headers={"Cache-Control": ASSET_CACHE}
+    )

@@ -58,3 +58,8 @@ export function statusLabel(status) {
 export function statusBadge(status, extra = {}) {
   return h("span", { class: `badge status-${status}`, ...extra }, statusLabel(status));
 }
+
+// A session's title is the first line of its test case; drop a leading "1." or "-" list marker.
+export function displayTitle(title) {
+  return String(title || "").replace(/^\s*(?:\d+[.)]|[-*•])\s+/, "");
+}

@@ -1,7 +1,7 @@
 // A session's events, exactly once each and in order: a REST catch-up, then the
 // WebSocket from the last seq seen. A dropped socket reconnects with
-// `since=<last seq>` after a growing delay; an event that arrives past a gap
-// triggers a REST read of the missing ones; a seq already held is dropped.
+// `since=<last seq>` after a growing delay. An event that arrives past a gap
+// triggers a REST read of the missing ones, and a seq already held is dropped.
 
 import { api } from "./api.js";
 

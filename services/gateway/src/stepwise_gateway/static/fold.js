@@ -84,7 +84,7 @@ function workInProgress(state) {
   return false;
 }
 
-// Which controls fit the state; the same checks the gateway makes before it queues a command.
+// Return which controls fit the state, by the checks the gateway makes before it queues a command.
 export function allowedControls(state) {
   const cancelled = state.status === "cancelled";
   const ready = planReady(state);

@@ -1,7 +1,7 @@
 // The home page: the new-session form and the session list, refreshed every few seconds.
 
 import { api } from "./api.js";
-import { clear, formatDateTime, h, statusBadge } from "./dom.js";
+import { clear, displayTitle, formatDateTime, h, statusBadge } from "./dom.js";
 
 const REFRESH_MS = 3000;
 const LIST_LIMIT = 50;
@@ -91,7 +91,6 @@ export function homePage(root, { navigate }) {
   const list = h("section", { class: "card list-card", "aria-labelledby": "list-title" }, h("h2", { id: "list-title" }, "Sessions"), listStatus, h("div", { class: "table-wrap" }, table));
 
   clear(root, h("div", { class: "home-grid" }, form, list));
-  testCase.focus();
 
   async function refresh() {
     timer = null;
@@ -103,7 +102,11 @@ export function homePage(root, { navigate }) {
     try {
       const page = await api.listSessions(LIST_LIMIT);
       renderRows(page.sessions);
-      listStatus.textContent = page.sessions.length ? `${page.sessions.length} most recent sessions, updated ${new Date().toLocaleTimeString([], { hour12: false })}` : "No sessions yet: create one with the form.";
+      const count = page.sessions.length;
+      const updated = new Date().toLocaleTimeString([], { hour12: false });
+      listStatus.textContent = count
+        ? `${count === 1 ? "1 session" : `The ${count} most recent sessions`}, updated ${updated}`
+        : "No sessions yet: create one with the form.";
       listStatus.classList.remove("error");
     } catch (error) {
       listStatus.textContent = `Could not load the sessions: ${error.message}`;
@@ -119,12 +122,12 @@ export function homePage(root, { navigate }) {
         h(
           "tr",
           { dataset: { sessionId: session.session_id, status: session.status } },
-          h("td", {}, h("a", { href: `/sessions/${session.session_id}`, "data-link": "" }, session.title || session.session_id.slice(0, 8))),
+          h("td", {}, h("a", { href: `/sessions/${session.session_id}`, "data-link": "" }, displayTitle(session.title) || session.session_id.slice(0, 8))),
           h("td", {}, statusBadge(session.status)),
           h("td", { class: "url" }, session.target_url),
           h("td", {}, h("time", { datetime: session.created_at || "" }, formatDateTime(session.created_at))),
           h("td", { class: "num passed" }, session.counts.passed),
-          h("td", { class: "num failed" }, session.counts.failed),
+          h("td", { class: session.counts.failed ? "num failed" : "num" }, session.counts.failed),
           h("td", { class: "num" }, session.counts.steps_total),
         ),
       ),

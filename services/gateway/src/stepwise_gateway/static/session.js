@@ -1,7 +1,7 @@
 // The session page: plan, steps, act results, controls, replay slider and live event log.
 
 import { api, screenshotUrl } from "./api.js";
-import { clear, formatDateTime, formatDuration, formatTime, h, statusBadge, statusLabel } from "./dom.js";
+import { clear, displayTitle, formatDateTime, formatDuration, formatTime, h, statusBadge, statusLabel } from "./dom.js";
 import { EventFeed } from "./feed.js";
 import { allowedControls, apply, counts, currentTask, emptyState, fold } from "./fold.js";
 
@@ -24,6 +24,7 @@ export function sessionPage(root, sessionId, { viewer }) {
   let frame = 0;
   const stepNodes = new Map();
   const stepSignatures = new Map();
+  const userOpen = new Map();
 
   // --- layout -----------------------------------------------------------------
   const connection = h("div", { class: "banner banner-connecting", role: "status", id: "connection", "aria-live": "polite" }, "Connecting…");
@@ -181,7 +182,7 @@ export function sessionPage(root, sessionId, { viewer }) {
     root.dataset.lastSeq = String(live.lastSeq);
     root.dataset.viewSeq = String(state.lastSeq);
     root.dataset.status = state.status;
-    document.title = `${state.title || "Session"} · ${statusLabel(state.status)} · Stepwise`;
+    document.title = `${displayTitle(state.title) || "Session"} · ${statusLabel(state.status)} · Stepwise`;
     renderHeader(state, replaying);
     renderControls(replaying);
     renderPlan(state);
@@ -196,22 +197,16 @@ export function sessionPage(root, sessionId, { viewer }) {
     clear(
       header,
       h("p", { class: "crumbs" }, h("a", { href: "/", "data-link": "" }, "← All sessions")),
-      h("div", { class: "title-row" }, h("h1", { id: "session-title" }, state.title || "Session"), statusBadge(state.status, { id: "session-status" })),
+      h("div", { class: "title-row" }, h("h1", { id: "session-title" }, displayTitle(state.title) || "Session"), statusBadge(state.status, { id: "session-status" })),
       h(
         "dl",
         { class: "facts" },
-        h("dt", {}, "Target"),
-        h("dd", {}, state.targetUrl ? h("a", { href: state.targetUrl, target: "_blank", rel: "noopener" }, state.targetUrl) : "…"),
-        h("dt", {}, "Model"),
-        h("dd", {}, state.llmModel || "…"),
-        h("dt", {}, "Created"),
-        h("dd", {}, formatDateTime(state.createdAt)),
-        h("dt", {}, "Steps"),
-        h("dd", { id: "session-counts" }, `${c.passed} passed · ${c.failed} failed · ${c.skipped} skipped · ${c.total} total`),
-        h("dt", {}, "Task"),
-        h("dd", { id: "task-progress" }, task ? `${statusLabel(task.taskType)}: ${task.status}${task.progress ? ` (${task.progress})` : ""}` : "none"),
-        h("dt", {}, "Browser"),
-        h("dd", {}, state.browserOpen ? "open" : "closed"),
+        fact("Target", state.targetUrl ? h("a", { href: state.targetUrl, target: "_blank", rel: "noopener" }, state.targetUrl) : "…"),
+        fact("Model", state.llmModel || "…"),
+        fact("Created", formatDateTime(state.createdAt)),
+        fact("Steps", `${c.passed} passed · ${c.failed} failed · ${c.skipped} skipped · ${c.total} total`, "session-counts"),
+        fact("Task", task ? `${statusLabel(task.taskType)}: ${task.status}${task.progress ? ` (${task.progress})` : ""}` : "none", "task-progress"),
+        fact("Browser", state.browserOpen ? "open" : "closed"),
       ),
       replaying ? h("p", { class: "replay-banner", role: "status" }, `Replaying: the view shows event ${state.lastSeq} of ${live.lastSeq}.`) : null,
     );
@@ -252,16 +247,21 @@ export function sessionPage(root, sessionId, { viewer }) {
     );
 
     const seen = new Set();
+    const latestTouched = state.steps.reduce((found, item) => (item.status !== "pending" ? item.number : found), 0);
     for (const step of state.steps) {
       seen.add(step.number);
-      const signature = JSON.stringify(step) + (state.blockedStep === step.number ? "b" : "");
+      const blocked = state.blockedStep === step.number;
+      const open = userOpen.has(step.number)
+        ? userOpen.get(step.number)
+        : step.status === "running" || step.status === "failed" || blocked || step.number === latestTouched;
+      const signature = `${JSON.stringify(step)}|${blocked}|${open}`;
       let node = stepNodes.get(step.number);
       if (!node) {
         node = h("li", { class: "step", dataset: { step: String(step.number) } });
         stepNodes.set(step.number, node);
       }
       if (stepSignatures.get(step.number) !== signature) {
-        renderStep(node, step, state.blockedStep === step.number);
+        renderStep(node, step, blocked, open);
         stepSignatures.set(step.number, signature);
       }
       if (node.parentNode !== stepList || stepList.children[step.number - 1] !== node) {
@@ -277,7 +277,7 @@ export function sessionPage(root, sessionId, { viewer }) {
     }
   }
 
-  function renderStep(node, step, blocked) {
+  function renderStep(node, step, blocked, open) {
     node.className = `step step-${step.status}${blocked ? " step-blocked" : ""}`;
     node.dataset.status = step.status;
     const meta = [step.attempts > 1 ? `attempt ${step.attempts}` : "", formatDuration(step.durationMs)].filter(Boolean).join(" · ");
@@ -287,19 +287,25 @@ export function sessionPage(root, sessionId, { viewer }) {
     if (step.thinking) body.push(h("div", { class: "thinking" }, h("span", { class: "label" }, "Thinking"), h("p", {}, step.thinking)));
     if (step.actions.length) body.push(h("div", { class: "actions" }, h("span", { class: "label" }, "Actions"), actionList(step.actions)));
     if (step.results.length) body.push(h("div", { class: "results" }, h("span", { class: "label" }, "Results"), h("ul", {}, step.results.map((r) => h("li", {}, r)))));
-    if (step.screenshots.length) body.push(h("div", { class: "shots" }, step.screenshots.map((name, i) => thumbnail(name, `Screenshot ${i + 1} of step ${step.number}`))));
-    clear(
-      node,
-      h(
-        "div",
-        { class: "step-head" },
-        h("span", { class: "step-number", "aria-hidden": "true" }, step.number),
-        h("span", { class: "step-text" }, step.description),
-        meta ? h("span", { class: "step-meta" }, meta) : null,
-        statusBadge(step.status, { class: `badge status-${step.status} step-status` }),
-      ),
-      body.length ? h("div", { class: "step-body" }, body) : null,
-    );
+    const shots = step.screenshots.length
+      ? h("div", { class: "shots" }, step.screenshots.map((name, i) => thumbnail(name, `Screenshot ${i + 1} of step ${step.number}`)))
+      : null;
+    const head = [
+      h("span", { class: "step-number" }, h("span", { class: "visually-hidden" }, "Step "), step.number),
+      h("span", { class: "step-text" }, step.description),
+      meta ? h("span", { class: "step-meta" }, meta) : null,
+      statusBadge(step.status, { class: `badge status-${step.status} step-status` }),
+    ];
+    if (!body.length && !shots) {
+      clear(node, h("div", { class: "step-head" }, head));
+      return;
+    }
+    const summary = h("summary", { class: "step-head" }, head);
+    const details = h("details", { open }, summary, h("div", { class: "step-body" }, h("div", { class: "step-detail" }, body), shots));
+    // Only a user's own click decides later whether this step stays open.
+    summary.addEventListener("click", () => userOpen.set(step.number, !details.open));
+    details.addEventListener("toggle", () => stepSignatures.set(step.number, `${JSON.stringify(step)}|${blocked}|${details.open}`));
+    clear(node, details);
   }
 
   function actionList(actions) {
@@ -319,7 +325,7 @@ export function sessionPage(root, sessionId, { viewer }) {
     return h(
       "button",
       { type: "button", class: "thumb", "aria-label": `Enlarge ${label}`, onclick: () => viewer.open(url, label) },
-      h("img", { src: url, alt: label, loading: "lazy", width: 240, height: 150 }),
+      h("img", { src: url, alt: label, loading: "lazy", width: 220, height: 138 }),
     );
   }
 
@@ -413,6 +419,10 @@ export function sessionPage(root, sessionId, { viewer }) {
     if (frame) cancelAnimationFrame(frame);
     if (window.stepwise && window.stepwise.feed === feed) delete window.stepwise;
   };
+}
+
+function fact(term, value, id = null) {
+  return h("div", {}, h("dt", {}, term), h("dd", { id }, value));
 }
 
 function readReplayParam() {
