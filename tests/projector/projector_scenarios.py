@@ -102,6 +102,8 @@ async def paused_with_act(store: EventStore, session_id: str) -> None:
     await store.append(session_id, ev.ExecutionStarted(task_id=task_id, from_step=1, total_steps=3))
     await _pass_step(store, session_id, task_id, 1)
     await store.append(session_id, ev.ExecutionPaused(task_id=task_id, after_step=1))
+
+    # Act mode on the paused session, then continue into a failing step.
     act_id = _ids()
     await store.append(
         session_id, ev.ActModeStarted(task_id=act_id, instruction="close the cookie banner")

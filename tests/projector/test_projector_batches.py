@@ -9,10 +9,11 @@ import pytest
 from nats.aio.client import Client as NATS
 from projector_scenarios import append_sessions
 from sqlalchemy.ext.asyncio import AsyncEngine
+from stepwise_libs import events as ev
 from stepwise_libs import subjects
 from stepwise_libs.jetstream import EventStore
 from stepwise_projector import database, schema
-from stepwise_projector.handlers import Record, decode_record
+from stepwise_projector.handlers import BatchWriter, Record, decode_record
 from stepwise_projector.projection import Projector
 from support.readmodels import assert_read_models_match_stream, dump, read_model_snapshot
 
@@ -134,7 +135,7 @@ async def test_concurrent_projectors_serialize_on_position(
         *(projectors[index % 3].apply(chunk) for index, chunk in enumerate(chunks))
     )
 
-    # Assert: every position was applied exactly once, whoever applied it.
+    # Assert: every position was applied exactly once, by one of the projectors.
     assert sum(result.applied for result in results) == len(records)
     assert max(result.position for result in results) == len(records)
     await assert_read_models_match_stream(database_url, events_nats.url)
@@ -163,3 +164,40 @@ async def test_malformed_record_advances_position(
     snapshot = await read_model_snapshot(database_url)
     assert len(snapshot["events"]) == len(records) - 1
     await assert_read_models_match_stream(database_url, events_nats.url)
+
+
+async def test_value_postgres_rejects_is_skipped(
+    engine: AsyncEngine,
+    store: EventStore,
+    js_client: NATS,
+    events_nats: EmbeddedNats,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Arrange: Postgres text cannot hold a NUL character, which a scraped page may contain.
+    good = await append_sessions(store)
+    bad = "session-with-nul"
+    await store.append(
+        bad,
+        ev.SessionCreated(test_case="a\x00b", target_url="http://127.0.0.1/", llm_model="offline"),
+    )
+    await store.append(bad, ev.PlanStarted(plan_id="plan-of-nul", model="offline"))
+    good.update(await append_sessions(store))
+    records = await _stream_records(js_client)
+    writer = BatchWriter(Projector(engine, js_client.jetstream()), asyncio.Event(), 1.0)
+
+    # Act
+    written = await writer.write(records)
+
+    # Assert: the stream moved on past the two rejected events.
+    assert written
+    snapshot = await read_model_snapshot(database_url)
+    assert snapshot["projector_position"][0]["position"] == len(records)
+    assert bad not in {row["session_id"] for row in snapshot["sessions"]}
+    assert bad not in {row["session_id"] for row in snapshot["events"]}
+    assert set(good) == {row["session_id"] for row in snapshot["sessions"]}
+    await assert_read_models_match_stream(database_url, events_nats.url, list(good))
+    skipped = [record for record in caplog.records if "cannot store" in record.getMessage()]
+    assert [record.position for record in skipped] == [  # type: ignore[attr-defined]
+        record.position for record in records if record.event and record.event.session_id == bad
+    ]

@@ -3,6 +3,7 @@ SIGKILL, skips malformed messages and rebuilds to identical rows."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import asyncpg
@@ -51,7 +52,7 @@ async def test_projector_projects_every_scenario(
     assert projector.stop() == 0
 
 
-async def test_projector_sigkill_mid_stream_loses_and_duplicates_nothing(
+async def test_projector_sigkill_loses_nothing(
     projector: ProjectorProcess,
     store: EventStore,
     js_client: NATS,
@@ -166,5 +167,28 @@ async def test_rebuild_gives_identical_rows(
     more = await append_sessions(store)
     projector.start()
     await wait_for_sessions(database_url, {**expected, **more}, timeout_seconds=60)
+    await assert_read_models_match_stream(database_url, events_nats.url)
+    assert projector.stop() == 0
+
+
+async def test_rebuild_beside_running_projector(
+    projector: ProjectorProcess, store: EventStore, events_nats: EmbeddedNats, database_url: str
+) -> None:
+    # Arrange: a live projector that has caught up.
+    expected = await append_sessions(store, rounds=2)
+    projector.start()
+    await wait_for_sessions(database_url, expected, timeout_seconds=60)
+    projected = await read_model_snapshot(database_url)
+
+    # Act: rebuild while it runs; the rebuild replaces its durable consumer.
+    rebuilt = await asyncio.to_thread(projector.command, "rebuild")
+    after_rebuild = await read_model_snapshot(database_url)
+    expected.update(await append_sessions(store))
+    await wait_for_sessions(database_url, expected, timeout_seconds=60)
+
+    # Assert
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert after_rebuild["events"] == projected["events"]
+    assert after_rebuild["sessions"] == projected["sessions"]
     await assert_read_models_match_stream(database_url, events_nats.url)
     assert projector.stop() == 0

@@ -218,8 +218,8 @@ async def assert_read_models_match_stream(
         await engine.dispose()
 
     for table, rows in expected.items():
-        wanted = _normalized_rows(table, rows)
-        assert actual[table] == wanted, _first_difference(table, wanted, actual[table])
+        folded = _normalized_rows(table, rows)
+        assert actual[table] == folded, _first_difference(table, folded, actual[table])
 
     # The events table: dense seq per session, no duplicates, positions from the stream.
     seqs_by_session: dict[str, list[int]] = {}

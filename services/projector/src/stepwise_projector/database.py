@@ -38,7 +38,7 @@ async def lock_position(connection: AsyncConnection) -> int:
     """Return the stored position, locking its row until the transaction ends.
 
     The lock serializes writers: a second projector (or a rebuild) waits here and
-    then sees the position the first one committed.
+    then reads the position the first one committed.
     """
     table = readmodel.projector_position
     await connection.execute(

@@ -28,6 +28,10 @@ INITIAL_BACKOFF_SECONDS = 0.5
 
 # Errors that mean "Postgres cannot be reached right now", as opposed to a bug.
 DATABASE_UNAVAILABLE = (DBAPIError, InterfaceError, OSError, ConnectionError)
+# SQLSTATE classes meaning "Postgres cannot store these values", such as a NUL
+# character in text (22P05): retrying the same rows would block the stream for ever.
+# 22 is data exception, 23 integrity constraint violation, 54 program limit exceeded.
+REJECTED_SQLSTATE_CLASSES = ("22", "23", "54")
 
 
 @dataclass(frozen=True)
@@ -94,30 +98,74 @@ class BatchWriter:
             attempt += 1
             try:
                 await self._projector.apply(records)
+            except Exception as error:
+                if _rejected_by_database(error):
+                    return await self._write_rejected(records, messages, error)
+                delay = self._delay(attempt)
+                context = {"attempt": attempt, "batch_size": len(records)}
+                if isinstance(error, DATABASE_UNAVAILABLE):
+                    logger.warning(
+                        "database unavailable, retrying the batch in %.1f s: %s",
+                        delay,
+                        describe(error),
+                        extra=context,
+                    )
+                else:
+                    logger.exception(
+                        "writing the batch failed, retrying in %.1f s", delay, extra=context
+                    )
+            else:
+                if attempt > 1:
+                    logger.info("wrote the batch after %d attempts", attempt)
                 return True
-            except DATABASE_UNAVAILABLE as error:
-                delay = self._delay(attempt)
-                logger.warning(
-                    "database unavailable, retrying the batch in %.1f s: %s",
-                    delay,
-                    error,
-                    extra={"attempt": attempt, "batch_size": len(records)},
-                )
-            except Exception:
-                delay = self._delay(attempt)
-                logger.exception(
-                    "writing the batch failed, retrying in %.1f s",
-                    delay,
-                    extra={"attempt": attempt, "batch_size": len(records)},
-                )
             await _keep_in_progress(messages)
             if await _stopped_within(self._stop, delay):
                 return False
+
+    async def _write_rejected(
+        self, records: Sequence[Record], messages: Sequence[Msg], error: Exception
+    ) -> bool:
+        """Write a batch that Postgres rejected one record at a time, skipping the bad ones."""
+        if len(records) > 1:
+            logger.warning(
+                "the read models reject a value in the batch, writing it one event at a time: %s",
+                describe(error),
+                extra={"from_position": records[0].position, "batch_size": len(records)},
+            )
+            for record in records:
+                if not await self.write([record], messages):
+                    return False
+            return True
+
+        # NOTE: later events of this session fold over the rejected one and are
+        # rejected too, so the session's read models stop at the event before it.
+        record = records[0]
+        logger.error(
+            "skipping an event that the read models cannot store: %s",
+            describe(error),
+            extra={
+                "subject": record.subject,
+                "position": record.position,
+                "session_id": record.event.session_id if record.event else None,
+            },
+        )
+        return await self.write([Record(record.position, record.subject, None)], messages)
 
     def _delay(self, attempt: int) -> float:
         # Exponential backoff with jitter, so restarted projectors do not retry in step.
         ceiling = min(self._max_backoff, INITIAL_BACKOFF_SECONDS * 2 ** (attempt - 1))
         return random.uniform(ceiling / 2, ceiling)
+
+
+def _rejected_by_database(error: Exception) -> bool:
+    sqlstate = getattr(getattr(error, "orig", None), "sqlstate", None)
+    return isinstance(error, DBAPIError) and str(sqlstate or "")[:2] in REJECTED_SQLSTATE_CLASSES
+
+
+def describe(error: Exception) -> str:
+    """Return the first line of a database error, without the statement and its parameters."""
+    cause = getattr(error, "orig", None) or error
+    return str(cause).splitlines()[0] if str(cause) else type(cause).__name__
 
 
 async def handle_batch(writer: BatchWriter, messages: Sequence[Msg]) -> bool:

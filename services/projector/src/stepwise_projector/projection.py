@@ -1,10 +1,11 @@
 """The projector: folds events into session states and writes them to Postgres.
 
-Each batch is written in one transaction that locks the stored position, applies
-only the messages above it, fills any positions missing between it and the
-batch (a redelivery after a crash can arrive after newer messages) with direct
-gets from the stream, and stores the batch's last position. Re-applying a batch
-therefore changes nothing, and two projectors on one database cannot interleave.
+Each batch is written in one transaction that locks the stored position and
+applies only the messages above it. Positions missing between the stored one and
+the batch are read from the stream with direct gets, because a redelivery after a
+crash can arrive after newer messages. The transaction then stores the batch's
+last position, so re-applying a batch changes nothing, and two projectors on one
+database cannot interleave.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ IDLE_FETCHES_PER_CHECK = 10
 
 @dataclass
 class BatchResult:
-    """What one write did: the positions applied and the sessions it touched."""
+    """Outcome of one write: the count of positions applied and the sessions touched."""
 
     applied: int
     position: int
@@ -214,8 +215,8 @@ async def ensure_durable(
     """Make the durable consumer deliver what the read models lack, from `position + 1`.
 
     A consumer that acknowledged messages past `position` belongs to other read
-    models (a new or rebuilt database), so it is deleted and created again at
-    `position + 1`; so is any consumer when `reset` is set.
+    models, such as a new or rebuilt database. It is deleted and created again at
+    `position + 1`, and so is any consumer when `reset` is set.
     """
     config = api.ConsumerConfig(
         durable_name=subjects.PROJECTOR_CONSUMER,

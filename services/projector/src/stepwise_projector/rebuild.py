@@ -28,7 +28,7 @@ from .settings import ProjectorSettings
 
 logger = logging.getLogger(__name__)
 
-# Seconds without a message, while the stream still holds more, before the rebuild gives up.
+# Seconds without a message, while the stream contains more, before the rebuild gives up.
 STALL_TIMEOUT_SECONDS = 30.0
 
 

@@ -26,7 +26,7 @@ def _database_url() -> str:
 
 @dataclass(frozen=True)
 class ProjectorSettings(CommonSettings):
-    """Where the projector reads events from and writes read models to, and how it batches."""
+    """Settings of the projector: its database, batch size, fetch timeout and backoff."""
 
     database_url: str = field(default_factory=_database_url)
     # Maximum number of events fetched, and written in one transaction.
@@ -37,7 +37,7 @@ class ProjectorSettings(CommonSettings):
     fetch_timeout: float = field(
         default_factory=lambda: env_float("STEPWISE_PROJECTOR_FETCH_TIMEOUT", 1.0, 0.05)
     )
-    # Longest pause, in seconds, between two attempts to reach an unavailable Postgres.
+    # Maximum pause, in seconds, between two attempts to reach an unavailable Postgres.
     max_backoff: float = field(
         default_factory=lambda: env_float("STEPWISE_PROJECTOR_MAX_BACKOFF", 10.0, 0.1)
     )
