@@ -46,6 +46,11 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
+def _program(process: subprocess.Popen[bytes]) -> str:
+    args = process.args
+    return str(args[0]) if isinstance(args, list | tuple) else str(args)
+
+
 def _wait_for_port(
     host: str, port: int, process: subprocess.Popen[bytes], timeout: float, log: Path
 ) -> None:
@@ -53,13 +58,13 @@ def _wait_for_port(
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise EmbeddedServerError(
-                f"{process.args[0]} exited with code {process.returncode} at start; see {log}"
+                f"{_program(process)} exited with code {process.returncode} at start; see {log}"
             )
         if port_open(host, port):
             return
         time.sleep(0.05)
     raise EmbeddedServerError(
-        f"{process.args[0]} did not open {host}:{port} in {timeout} s; see {log}"
+        f"{_program(process)} did not open {host}:{port} in {timeout} s; see {log}"
     )
 
 

@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 # Resolved once here, because the child must not load libraries between fork and exec.
+_prctl: Callable[..., int] | None
 try:
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):
@@ -136,7 +137,7 @@ def stop_tree(
             logger.warning(
                 "process did not stop in %s s, killing it",
                 timeout,
-                extra={"pid": process.pid, "argv": " ".join(map(str, process.args))},
+                extra={"pid": process.pid, "argv": _command_line(process)},
             )
     _signal_group(process.pid, signal.SIGKILL)
     for pid in tree + descendants(process.pid):
@@ -148,6 +149,13 @@ def stop_tree(
         logger.error("process survived SIGKILL", extra={"pid": process.pid})
     _wait_gone(tree, 5)
     return process.returncode
+
+
+def _command_line(process: subprocess.Popen[bytes]) -> str:
+    args = process.args
+    if isinstance(args, list | tuple):
+        return " ".join(str(arg) for arg in args)
+    return str(args)
 
 
 def _wait_gone(pids: Sequence[int], timeout: float) -> None:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -163,7 +163,7 @@ class SessionRun:
         result: RunOutcome | None = handler(data)
         return result
 
-    def _print(self, text: str) -> None:
+    def _print(self, text: RenderableType) -> None:
         self.progress.console.print(text)
 
     def _describe(self, description: str) -> None:

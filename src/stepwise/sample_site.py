@@ -43,7 +43,7 @@ class SampleSite:
     @property
     def base_url(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}/"
+        return f"http://{host!s}:{port}/"
 
     def stop(self) -> None:
         """Stop serving and close the listening socket."""

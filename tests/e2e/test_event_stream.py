@@ -37,7 +37,7 @@ async def _replay(gateway_url: str, session_id: str, since: int, last_seq: int) 
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(1.5):
                 extra = await socket.recv()
-                pytest.fail(f"unexpected message after the last event: {extra}")
+                pytest.fail(f"unexpected message after the last event: {extra!r}")
     return events
 
 
