@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import threading
+import uuid
 from collections.abc import Callable
 
 from fakes.gemini import FakeGemini, RecordedRequest, Reply
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 from planner_helpers import (
     PLANNER_SCRIPT,
     PlannerProcess,
@@ -108,22 +111,44 @@ async def test_redelivered_command_is_acked_once(
     command = new_command(
         session_id, GeneratePlan(test_case=CHECKOUT, target_url="http://x/", llm_model="offline")
     )
-    subject = subjects.planner_command_subject("generate_plan")
     js = nats_client.jetstream()
 
-    # The same command stored twice, as a publisher retrying past the duplicate window would.
-    await js.publish(subject, encode_command(command), headers={"Nats-Msg-Id": "first-copy"})
+    async def publish_copy() -> None:
+        # Each copy gets its own Nats-Msg-Id, as a publisher retrying past the duplicate
+        # window would send it, so JetStream stores and delivers every copy.
+        await js.publish(
+            subjects.planner_command_subject("generate_plan"),
+            encode_command(command),
+            headers={"Nats-Msg-Id": str(uuid.uuid4())},
+        )
+
+    # Two copies at once: the second arrives while the first runs or right after it.
+    await publish_copy()
+    await publish_copy()
     await wait_for_event(store, session_id, is_plan_end)
-    await js.publish(subject, encode_command(command), headers={"Nats-Msg-Id": "second-copy"})
+    await wait_until_consumed(js)
+    # A third copy after the plan ended is only acknowledged.
+    await publish_copy()
     planner.wait_for_log("command already handled")
+    await wait_until_consumed(js)
 
     events = await store.read(session_id)
-    assert types_of(events) == [
-        "session_created",
-        "plan_started",
-        "plan_progress",
-        "plan_completed",
-    ]
+    assert types_of(events) == PLAN_EVENTS
+
+
+async def wait_until_consumed(js: JetStreamContext, within: float = 20.0) -> None:
+    """Wait until the planner consumer has no message pending or awaiting its ack."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        info = await js.consumer_info(subjects.COMMANDS_STREAM, subjects.PLANNER_CONSUMER)
+        if info.num_pending == 0 and info.num_ack_pending == 0:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(
+                f"planner consumer still has {info.num_pending} pending and "
+                f"{info.num_ack_pending} unacknowledged messages after {within} s"
+            )
+        await asyncio.sleep(0.1)
 
 
 async def test_continue_plan_appends_steps(

@@ -59,7 +59,8 @@ class PlannerService:
         self._ack_wait_seconds = settings.ack_wait_seconds
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._in_progress: set[str] = set()
+        # Command id -> further copies of the command that arrived while it ran.
+        self._in_progress: dict[str, list[Msg]] = {}
         self._models: dict[str, PlanModel] = {}
 
     @property
@@ -71,16 +72,18 @@ class PlannerService:
 
     async def handle(self, command: Command, body: CommandBody, message: Msg) -> None:
         """Start a command's work in the background once a slot is free; the work acks it."""
-        if command.command_id in self._in_progress:
-            # A redelivery of a command this process is still working on: the running
-            # work acknowledges the message when it ends.
+        copies = self._in_progress.get(command.command_id)
+        if copies is not None:
+            # A redelivery or a second copy of a command this process is working on:
+            # the running work acknowledges it too when it ends.
             logger.info(
                 "command redelivered while in progress",
                 extra={"session_id": command.session_id, "command_id": command.command_id},
             )
+            copies.append(message)
             return
         await self._slots.acquire()
-        self._in_progress.add(command.command_id)
+        self._in_progress[command.command_id] = []
         task = asyncio.create_task(
             self._run(command, body, message), name=f"plan-{command.command_id}"
         )
@@ -96,16 +99,19 @@ class PlannerService:
         try:
             async with self._keep_in_progress(message):
                 await self.process(command, body)
-            await message.ack()
+            copies = self._in_progress.pop(command.command_id, [])
+            for each in (message, *copies):
+                await each.ack()
         except asyncio.CancelledError:
             logger.warning("plan abandoned at shutdown; it will be redelivered", extra=context)
             raise
         except Exception:
             logger.exception("plan command failed; it will be redelivered", extra=context)
-            with contextlib.suppress(Exception):
-                await message.nak(delay=2.0)
+            for each in (message, *self._in_progress.get(command.command_id, [])):
+                with contextlib.suppress(Exception):
+                    await each.nak(delay=2.0)
         finally:
-            self._in_progress.discard(command.command_id)
+            self._in_progress.pop(command.command_id, None)
             self._slots.release()
 
     @contextlib.asynccontextmanager
