@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -292,10 +293,12 @@ class EventStore:
             return []
         wanted = last_seq - since if limit is None else min(limit, last_seq - since)
         events: list[Event] = []
-        async for event in self.tail(session_id, since):
-            events.append(event)
-            if len(events) >= wanted:
-                break
+        # aclosing unsubscribes at once instead of when the generator is collected.
+        async with contextlib.aclosing(self.tail(session_id, since)) as tail:
+            async for event in tail:
+                events.append(event)
+                if len(events) >= wanted:
+                    break
         return events
 
     async def tail(self, session_id: str, since: int = 0) -> AsyncIterator[Event]:
