@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +61,8 @@ def _report(level: str, message: str) -> None:
 
 
 def _configure_logging(verbose: bool) -> None:
+    # platformdirs warns about a missing XDG_RUNTIME_DIR, which the embedded Postgres never uses.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -108,9 +111,9 @@ def _interrupt_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _start_stack(config: StackConfig) -> Stack:
+def _start_stack(config: StackConfig, cancel: threading.Event | None = None) -> Stack:
     with error_console.status("starting the stack (nats-server, Postgres, four services)"):
-        return Stack(config, report=_report).start()
+        return Stack(config, report=_report).start(cancel)
 
 
 def _print_urls(stack: Stack) -> None:
@@ -184,7 +187,7 @@ def up(
     stop = threading.Event()
     with _stop_on_signals(stop):
         try:
-            stack = _start_stack(StackConfig.from_env(host=host, port=port))
+            stack = _start_stack(StackConfig.from_env(host=host, port=port), cancel=stop)
         except StackError as error:
             error_console.print(f"[red]error:[/red] {escape(str(error))}")
             raise typer.Exit(EXIT_FAILED) from None
@@ -320,7 +323,7 @@ def demo(
                 chosen_port = port
                 if chosen_port is None:
                     chosen_port = 0 if once else 8000
-                stack = _start_stack(StackConfig.from_env(host=host, port=chosen_port))
+                stack = _start_stack(StackConfig.from_env(host=host, port=chosen_port), stop)
                 gateway_url = stack.gateway_url
                 _print_urls(stack)
             else:
@@ -328,12 +331,16 @@ def demo(
             console.print(f"Sample shop on {site.base_url}")
 
             exit_code = EXIT_PASSED
-            for name, text in cases:
-                if stop.is_set():
-                    break
-                console.rule(f"sample test case: {name}")
-                outcome = _run_against(gateway_url, text, site.base_url, model, timeout)
-                exit_code = max(exit_code, outcome.exit_code)
+            try:
+                # A run may take minutes, so Ctrl-C during it interrupts it at once.
+                with _interrupt_on_signals():
+                    for name, text in cases:
+                        console.rule(f"sample test case: {name}")
+                        outcome = _run_against(gateway_url, text, site.base_url, model, timeout)
+                        exit_code = max(exit_code, outcome.exit_code)
+            except _StopRequested as stopped:
+                error_console.print(f"[yellow]{stopped} received, stopping[/yellow]")
+                stop.set()
             if stop.is_set():
                 exit_code = 130
             elif not once and stack is not None:

@@ -29,7 +29,13 @@ from typing import Any, TextIO
 import httpx
 
 from stepwise import processes
-from stepwise.embedded import EmbeddedNats, EmbeddedPostgres, free_port, port_open
+from stepwise.embedded import (
+    EmbeddedNats,
+    EmbeddedPostgres,
+    EmbeddedServerError,
+    free_port,
+    port_open,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +189,12 @@ class Stack:
 
     # --- start -------------------------------------------------------------------
 
-    def start(self) -> Stack:
-        """Start everything, then wait until the gateway passes /readyz and each worker is ready."""
+    def start(self, cancel: threading.Event | None = None) -> Stack:
+        """Start everything, then wait until the gateway passes /readyz and each worker is ready.
+
+        Setting `cancel` from another thread or a signal handler ends the wait for
+        readiness with a StackError; everything started so far is stopped.
+        """
         self.home.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
@@ -195,7 +205,10 @@ class Stack:
             for name in SERVICES:
                 self._start_service(name)
             self._write_state()
-            self._wait_ready()
+            self._wait_ready(cancel or threading.Event())
+        except EmbeddedServerError as error:
+            self.stop()
+            raise StackError(str(error)) from error
         except BaseException:
             self.stop()
             raise
@@ -308,12 +321,14 @@ class Stack:
         service.start()
         logger.info("started %s", name, extra={"pid": service.pid, "log": str(service.log_path)})
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, cancel: threading.Event) -> None:
         deadline = time.monotonic() + self.config.ready_timeout
         pending = set(WORKERS)
         gateway_ready = False
         with httpx.Client(timeout=2.0) as client:
             while pending or not gateway_ready:
+                if cancel.is_set():
+                    raise StackError("start cancelled before the stack was ready")
                 for service in self.services.values():
                     if not service.running():
                         code = service.process.returncode if service.process else None
@@ -360,7 +375,10 @@ class Stack:
                     f"{name} exited with code {server.process.returncode}; restarting it "
                     f"on the same port; see {server.log_path}",
                 )
-                server.start()
+                try:
+                    server.start()
+                except EmbeddedServerError as error:
+                    raise StackError(f"could not restart {name}: {error}") from error
                 changed = True
         for service in self.services.values():
             if service.restart_at is None and not service.running():
