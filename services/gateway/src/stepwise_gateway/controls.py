@@ -437,6 +437,8 @@ async def reject(
             command_id=command_id,
             event_id=event_id,
         )
+    # Planner and executor write this session next, so the cached tail would only go stale.
+    store.forget(session_id)
 
 
 async def clear_pause_flag(js: JetStreamContext, session_id: str) -> None:

@@ -115,6 +115,8 @@ async def create_session(
                 event_id=event_id,
             )
         )
+    # The planner writes this session next, so the cached tail would only go stale.
+    store.forget(session_id)
     command = new_command(
         session_id,
         GeneratePlan(test_case=test_case, target_url=target_url, llm_model=model),
