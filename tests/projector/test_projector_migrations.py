@@ -128,3 +128,12 @@ def test_projector_rejects_missing_or_bad_database_url() -> None:
     assert wrong.returncode == 2
     assert "invalid STEPWISE_DATABASE_URL='postgres://localhost/stepwise'" in wrong.stderr
     assert "postgresql+asyncpg://" in wrong.stderr
+
+
+def test_projector_rejects_unknown_log_level(database_url: str) -> None:
+    # Act
+    result = _run([str(PROJECTOR), "run"], {**_env(database_url), "STEPWISE_LOG_LEVEL": "loud"})
+
+    # Assert
+    assert result.returncode == 2
+    assert "invalid STEPWISE_LOG_LEVEL='LOUD'" in result.stderr

@@ -27,8 +27,7 @@ from stepwise_libs.events import Event, decode_event
 from stepwise_libs.fold import fold
 from stepwise_libs.jetstream import EventStore, connect
 
-# Postgres channel on which the projector sends `<session_id>:<last_seq>` after each commit.
-NOTIFY_CHANNEL = "stepwise_projection"
+NOTIFY_CHANNEL = readmodel.PROJECTION_CHANNEL
 
 _KEYS: dict[str, tuple[str, ...]] = {
     "sessions": ("session_id",),

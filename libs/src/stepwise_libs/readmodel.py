@@ -131,6 +131,10 @@ projector_position = Table(
     Column("position", BigInteger, nullable=False),
 )
 
+# Postgres channel on which the projector sends `<session_id>:<last_seq>` when a
+# transaction that wrote that session commits, so readers can wait for their writes.
+PROJECTION_CHANNEL = "stepwise_projection"
+
 # Tables whose rows are derived from a session's state, in the order they are written.
 SESSION_TABLES = (sessions, plans, steps, tasks)
 

@@ -17,8 +17,7 @@ from stepwise_libs.fold import SessionState
 
 # Row of `projector_position` that this projector owns.
 POSITION_NAME = "projector"
-# Postgres channel of the `<session_id>:<last_seq>` notices sent on commit.
-NOTIFY_CHANNEL = "stepwise_projection"
+NOTIFY_CHANNEL = readmodel.PROJECTION_CHANNEL
 
 # Primary-key columns of each session-derived table.
 _KEYS: dict[str, tuple[str, ...]] = {

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy.exc import DBAPIError
 
 from .errors import MigrationError
 
@@ -38,6 +39,9 @@ def upgrade(database_url: str, revision: str = "head") -> None:
         command.upgrade(alembic_config(database_url), revision)
     except OSError as error:
         raise MigrationError(revision, f"cannot reach the database: {error}") from error
+    except DBAPIError as error:
+        reason = str(error.orig or error).splitlines()[0]
+        raise MigrationError(revision, f"the database returned an error: {reason}") from error
     logger.info("read-model schema is at revision %s", revision)
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from stepwise_libs.settings import CommonSettings, SettingsError, env_float, env_int, env_str
 
 DATABASE_URL_PREFIX = "postgresql+asyncpg://"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _database_url() -> str:
@@ -41,3 +42,9 @@ class ProjectorSettings(CommonSettings):
     max_backoff: float = field(
         default_factory=lambda: env_float("STEPWISE_PROJECTOR_MAX_BACKOFF", 10.0, 0.1)
     )
+
+    def __post_init__(self) -> None:
+        if self.log_level not in LOG_LEVELS:
+            raise SettingsError(
+                "STEPWISE_LOG_LEVEL", self.log_level, f"one of {', '.join(LOG_LEVELS)}"
+            )
