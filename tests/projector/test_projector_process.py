@@ -192,3 +192,35 @@ async def test_rebuild_beside_running_projector(
     assert after_rebuild["sessions"] == projected["sessions"]
     await assert_read_models_match_stream(database_url, events_nats.url)
     assert projector.stop() == 0
+
+
+async def test_projector_replays_stream_into_empty_database(
+    projector: ProjectorProcess,
+    store: EventStore,
+    events_nats: EmbeddedNats,
+    postgres_server: EmbeddedPostgres,
+    database_url: str,
+) -> None:
+    # Arrange: the durable consumer has acknowledged the whole stream for one database.
+    expected = await append_sessions(store)
+    projector.start()
+    await wait_for_sessions(database_url, expected, timeout_seconds=60)
+    assert projector.stop() == 0
+    projected = await read_model_snapshot(database_url)
+
+    # Act: a projector on an empty database finds the consumer ahead of its tables.
+    other_url = postgres_server.create_database(f"empty_{uuid.uuid4().hex[:12]}")
+    other = ProjectorProcess(events_nats.url, other_url, projector.log_dir / "other", 50)
+    other.log_dir.mkdir()
+    other.start()
+    try:
+        await wait_for_sessions(other_url, expected, timeout_seconds=60)
+        replayed = await read_model_snapshot(other_url)
+        assert other.stop() == 0
+    finally:
+        if other.process is not None and other.process.poll() is None:
+            other.kill()
+
+    # Assert
+    assert replayed == projected, dump(replayed)
+    assert "the durable consumer acknowledged position" in other.logs()
