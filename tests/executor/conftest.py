@@ -7,13 +7,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-from stepwise.sample_site import SampleSite, serve_sample_site
 from stepwise_executor.settings import ExecutorSettings
 from stepwise_libs import events as ev
 from stepwise_libs.fold import SessionState, fold
 from stepwise_libs.jetstream import EventStore
 from stepwise_libs.phrases import split_test_case
+
+from stepwise.sample_site import SampleSite, serve_sample_site
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +31,9 @@ def executor_home(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def make_settings(monkeypatch: pytest.MonkeyPatch, executor_home: Path) -> Callable[..., ExecutorSettings]:
+def make_settings(
+    monkeypatch: pytest.MonkeyPatch, executor_home: Path
+) -> Callable[..., ExecutorSettings]:
     """Build ExecutorSettings from the environment, with STEPWISE_HOME in the test's folder."""
 
     def build(**env: str) -> ExecutorSettings:
@@ -51,7 +53,9 @@ async def create_planned_session(
     session_id = str(uuid.uuid4())
     plan_id = str(uuid.uuid4())
     steps = split_test_case(test_case)
-    await store.append(session_id, ev.SessionCreated(test_case=test_case, target_url=target_url, llm_model=model))
+    await store.append(
+        session_id, ev.SessionCreated(test_case=test_case, target_url=target_url, llm_model=model)
+    )
     await store.append(session_id, ev.PlanStarted(plan_id=plan_id, model=model))
     await store.append(
         session_id,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from fakes.gemini import FakeGemini, RecordedRequest, Reply
 from nats.aio.client import Client as NATS
 
-from fakes.gemini import FakeGemini, RecordedRequest, Reply
 from stepwise.sample_site import SampleSite
 
 from .test_run import run_plan
@@ -25,8 +25,12 @@ def agent_output(action: dict[str, Any], goal: str) -> dict[str, Any]:
 
 
 def script_open_and_done(fake: FakeGemini, url: str) -> None:
-    fake.reply_json(agent_output({"navigate": {"url": url, "new_tab": False}}, "open the login page"))
-    fake.reply_json(agent_output({"done": {"text": "The login page is open", "success": True}}, "finish"))
+    fake.reply_json(
+        agent_output({"navigate": {"url": url, "new_tab": False}}, "open the login page")
+    )
+    fake.reply_json(
+        agent_output({"done": {"text": "The login page is open", "success": True}}, "finish")
+    )
 
 
 def gemini_env(fake: FakeGemini) -> dict[str, str]:
@@ -38,10 +42,16 @@ async def test_gemini_runs_one_step(
 ) -> None:
     script_open_and_done(fake_gemini, sample_site.base_url)
     _, events = await run_plan(
-        nats_client, make_settings(**gemini_env(fake_gemini)), "Open the login page", sample_site.base_url, MODEL
+        nats_client,
+        make_settings(**gemini_env(fake_gemini)),
+        "Open the login page",
+        sample_site.base_url,
+        MODEL,
     )
     types = [event.type for event in events]
-    assert "step_failed" not in types, [event.data for event in events if event.type == "step_failed"]
+    assert "step_failed" not in types, [
+        event.data for event in events if event.type == "step_failed"
+    ]
     completed = next(event.data for event in events if event.type == "step_completed")
     assert [action["name"] for action in completed["actions"]] == ["navigate"]
     assert "I will open the login page." in completed["thinking"]
@@ -58,9 +68,17 @@ async def test_gemini_503_twice_then_success(
     fake_gemini.reply_status(503, times=2)
     script_open_and_done(fake_gemini, sample_site.base_url)
     _, events = await run_plan(
-        nats_client, make_settings(**gemini_env(fake_gemini)), "Open the login page", sample_site.base_url, MODEL
+        nats_client,
+        make_settings(**gemini_env(fake_gemini)),
+        "Open the login page",
+        sample_site.base_url,
+        MODEL,
     )
-    retries = [event.data["action"] for event in events if event.type == "action_executed" and event.data["action"]["name"] == "model_retry"]
+    retries = [
+        event.data["action"]
+        for event in events
+        if event.type == "action_executed" and event.data["action"]["name"] == "model_retry"
+    ]
     assert [retry["params"]["attempt"] for retry in retries] == [1, 2]
     assert all("503" in retry["error"] for retry in retries)
     assert any(event.type == "step_completed" for event in events)
@@ -72,9 +90,17 @@ async def test_gemini_always_503_fails_step(
 ) -> None:
     fake_gemini.always_status(503)
     _, events = await run_plan(
-        nats_client, make_settings(**gemini_env(fake_gemini)), "Open the login page", sample_site.base_url, MODEL
+        nats_client,
+        make_settings(**gemini_env(fake_gemini)),
+        "Open the login page",
+        sample_site.base_url,
+        MODEL,
     )
-    retries = [event for event in events if event.type == "action_executed" and event.data["action"]["name"] == "model_retry"]
+    retries = [
+        event
+        for event in events
+        if event.type == "action_executed" and event.data["action"]["name"] == "model_retry"
+    ]
     assert len(retries) == 3
     failed = next(event.data for event in events if event.type == "step_failed")
     assert failed["category"] == "model_error"
@@ -89,7 +115,11 @@ async def test_gemini_invalid_output_fails_step(
 ) -> None:
     fake_gemini.default = Reply(text="this is not JSON")
     _, events = await run_plan(
-        nats_client, make_settings(**gemini_env(fake_gemini)), "Open the login page", sample_site.base_url, MODEL
+        nats_client,
+        make_settings(**gemini_env(fake_gemini)),
+        "Open the login page",
+        sample_site.base_url,
+        MODEL,
     )
     failed = next(event.data for event in events if event.type == "step_failed")
     assert failed["category"] == "invalid_model_output"
@@ -101,7 +131,11 @@ async def test_gemini_400_fails_without_retry(
 ) -> None:
     fake_gemini.reply_status(400, "API key not valid")
     _, events = await run_plan(
-        nats_client, make_settings(**gemini_env(fake_gemini)), "Open the login page", sample_site.base_url, MODEL
+        nats_client,
+        make_settings(**gemini_env(fake_gemini)),
+        "Open the login page",
+        sample_site.base_url,
+        MODEL,
     )
     failed = next(event.data for event in events if event.type == "step_failed")
     assert failed["category"] == "model_error"

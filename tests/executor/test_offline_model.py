@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 from browser_use.llm.messages import BaseMessage, UserMessage
-
-from stepwise.sample_site import SampleSite
 from stepwise_executor.browser import SessionBrowser
 from stepwise_executor.offline_model import OfflineChatModel, message_text
 from stepwise_executor.page_state import extract_browser_state, parse_page_state
 from stepwise_executor.runner import build_agent
+
+from stepwise.sample_site import SampleSite
 
 
 class RecordingModel(OfflineChatModel):
@@ -24,7 +24,9 @@ class RecordingModel(OfflineChatModel):
         super().__init__(target_url)
         self.seen: list[list[BaseMessage]] = []
 
-    async def ainvoke(self, messages: list[BaseMessage], output_format: Any = None, **kwargs: Any) -> Any:
+    async def ainvoke(
+        self, messages: list[BaseMessage], output_format: Any = None, **kwargs: Any
+    ) -> Any:
         self.seen.append(list(messages))
         return await super().ainvoke(messages, output_format, **kwargs)
 
@@ -51,7 +53,9 @@ class Pages:
 
 @pytest.fixture
 async def pages(sample_site: SampleSite, tmp_path: Path) -> AsyncIterator[Pages]:
-    browser = SessionBrowser("offline-model-test", "/usr/bin/chromium", tmp_path / "browsers", sample_site.base_url)
+    browser = SessionBrowser(
+        "offline-model-test", "/usr/bin/chromium", tmp_path / "browsers", sample_site.base_url
+    )
     yield Pages(browser, sample_site, tmp_path)
     await browser.close()
 
@@ -82,7 +86,9 @@ def element_line(messages: list[BaseMessage], index: int) -> str:
     raise AssertionError(f"index {index} is not in the page state")
 
 
-def decide(messages: list[BaseMessage], step: str, target_url: str = "") -> tuple[str, dict[str, Any]]:
+def decide(
+    messages: list[BaseMessage], step: str, target_url: str = ""
+) -> tuple[str, dict[str, Any]]:
     decision = OfflineChatModel(target_url).decide(with_task(messages, step))
     assert len(decision.actions) == 1
     name, params = next(iter(decision.actions[0].items()))

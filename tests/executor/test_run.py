@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from nats.aio.client import Client as NATS
-
-from stepwise.sample_site import SampleSite, sample_test_case
 from stepwise_executor.browser import session_processes
 from stepwise_executor.session import LiveSession
 from stepwise_executor.settings import ExecutorSettings
@@ -12,13 +10,19 @@ from stepwise_libs import subjects
 from stepwise_libs.events import Event
 from stepwise_libs.jetstream import EventStore
 
+from stepwise.sample_site import SampleSite, sample_test_case
+
 from .conftest import create_planned_session
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 async def run_plan(
-    nats_client: NATS, settings: ExecutorSettings, test_case: str, target_url: str, model: str = "offline"
+    nats_client: NATS,
+    settings: ExecutorSettings,
+    test_case: str,
+    target_url: str,
+    model: str = "offline",
 ) -> tuple[LiveSession, list[Event]]:
     """Run a plan in-process to its end and return the live session and the session's events."""
     js = nats_client.jetstream()
@@ -31,8 +35,12 @@ async def run_plan(
     return live, await store.read(state.session_id)
 
 
-async def test_checkout_passes_every_step(nats_client: NATS, sample_site: SampleSite, make_settings) -> None:
-    live, events = await run_plan(nats_client, make_settings(), sample_test_case("checkout"), sample_site.base_url)
+async def test_checkout_passes_every_step(
+    nats_client: NATS, sample_site: SampleSite, make_settings
+) -> None:
+    live, events = await run_plan(
+        nats_client, make_settings(), sample_test_case("checkout"), sample_site.base_url
+    )
     types = [event.type for event in events]
     failures = [event.data for event in events if event.type == "step_failed"]
     assert failures == []
@@ -58,8 +66,12 @@ async def test_checkout_passes_every_step(nats_client: NATS, sample_site: Sample
     assert not live.browser.folder.exists()
 
 
-async def test_missing_text_fails_step(nats_client: NATS, sample_site: SampleSite, make_settings) -> None:
-    live, events = await run_plan(nats_client, make_settings(), sample_test_case("failing"), sample_site.base_url)
+async def test_missing_text_fails_step(
+    nats_client: NATS, sample_site: SampleSite, make_settings
+) -> None:
+    live, events = await run_plan(
+        nats_client, make_settings(), sample_test_case("failing"), sample_site.base_url
+    )
     types = [event.type for event in events]
     assert types.count("step_completed") == 5
     failed = [event.data for event in events if event.type == "step_failed"]

@@ -25,17 +25,25 @@ async def run(settings: ExecutorSettings) -> None:
     js = client.jetstream()
     await ensure_topology(js, settings.stream_replicas)
     store = EventStore(js)
-    service = ExecutorService(js, store, settings)
+    service = ExecutorService(client, js, store, settings)
+    await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     consumer = asyncio.create_task(
         run_command_consumer(
-            js, store, subjects.EXECUTOR_CONSUMER, f"{subjects.EXECUTOR_COMMANDS}.*", service.handle, stop
+            js,
+            store,
+            subjects.EXECUTOR_CONSUMER,
+            f"{subjects.EXECUTOR_COMMANDS}.*",
+            service.handle,
+            stop,
         )
     )
-    logger.info("service ready", extra={"executor_id": settings.executor_id, "nats_url": settings.nats_url})
+    logger.info(
+        "service ready", extra={"executor_id": settings.executor_id, "nats_url": settings.nats_url}
+    )
     await stop.wait()
     logger.info("stopping", extra={"executor_id": settings.executor_id})
     await consumer

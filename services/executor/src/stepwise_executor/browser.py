@@ -75,7 +75,9 @@ class SessionBrowser:
             await session.start()
         except Exception as error:
             await self.close()
-            raise BrowserStartError(f"Chromium at {self.chromium} failed to start: {error}") from error
+            raise BrowserStartError(
+                f"Chromium at {self.chromium} failed to start: {error}"
+            ) from error
         watchdog = getattr(session, "_local_browser_watchdog", None)
         self.pid = getattr(watchdog, "browser_pid", None)
         logger.info("browser started", extra={"session_id": self.session_id, "pid": self.pid})
@@ -100,8 +102,10 @@ class SessionBrowser:
         if session is not None and graceful:
             try:
                 await asyncio.wait_for(session.kill(), timeout=10)
-            except (Exception, asyncio.CancelledError):  # noqa: BLE001 - the processes are killed below anyway
-                logger.warning("browser-use kill failed", exc_info=True, extra={"session_id": self.session_id})
+            except (Exception, asyncio.CancelledError):
+                logger.warning(
+                    "browser-use kill failed", exc_info=True, extra={"session_id": self.session_id}
+                )
         self.kill_processes()
         shutil.rmtree(self.folder, ignore_errors=True)
         self.pid = None

@@ -40,7 +40,7 @@ def categorize_failure(message: str) -> str:
         return CHECK_FAILED
     if lowered.startswith("no ") and "matching" in lowered:
         return ELEMENT_NOT_FOUND
-    if "not available" in lowered or "element" in lowered and "not found" in lowered:
+    if "not available" in lowered or ("element" in lowered and "not found" in lowered):
         return ELEMENT_NOT_FOUND
     if "timed out" in lowered or "timeout" in lowered:
         return TIMEOUT

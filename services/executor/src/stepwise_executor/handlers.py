@@ -1,51 +1,168 @@
-"""Handlers of `stepwise.cmd.executor.*` commands; each acknowledges its command as soon as it is accepted."""
+"""Handlers of `stepwise.cmd.executor.*` commands, and session ownership across executor replicas.
+
+A command is acknowledged as soon as it is accepted (or rejected with `command_rejected`),
+never when the work ends, so a paused session holds no unacknowledged message.
+
+Ownership: the executor holding a session's browser keeps the key `<session_id>` in the
+leases bucket set to its id, renewed by a heartbeat. A replica that receives a command
+for a session owned by another live executor forwards it on core NATS to the owner's
+inbox and acknowledges the JetStream message once the owner replied that it accepted it.
+Every replica watches the leases bucket; when a lease stops being renewed, one survivor
+(the one whose `create` of the key wins) appends `session_interrupted`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
 
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from stepwise_libs import commands as cmd
 from stepwise_libs import events as ev
-from stepwise_libs.fold import CANCELLED, RUNNING, SessionState, fold
-from stepwise_libs.jetstream import EventStore
+from stepwise_libs import subjects
+from stepwise_libs.commands import InvalidCommand, decode_command
+from stepwise_libs.fold import CANCELLED, PAUSED, RUNNING, SessionState, fold
+from stepwise_libs.jetstream import LEASE_TTL_SECONDS, EventStore, connect
 
+from .browser import SessionBrowser
 from .models import is_gemini, is_offline
-from .session import LiveSession
+from .session import (
+    CANCEL_FLAG,
+    EXECUTION,
+    PAUSE_FLAG,
+    RUN_TILL_END,
+    STOP_ALL_FLAG,
+    LiveSession,
+    set_control_flag,
+)
 from .settings import ExecutorSettings
 
 logger = logging.getLogger(__name__)
 
-EXECUTION_MODES = ("execution", "run_till_end")
+EXECUTION_MODES = (EXECUTION, RUN_TILL_END)
+HEARTBEAT_SECONDS = 2.0
+FORWARD_TIMEOUT_SECONDS = 15.0
+ACCEPTED = b"accepted"
+# Statuses in which a session may still hold a browser that an owner's death would strand.
+LIVE_STATUSES = frozenset({RUNNING, PAUSED})
+
+Ack = Callable[[], Awaitable[None]]
 
 
 class ExecutorService:
     """Accepts executor commands and runs each session's work as an asyncio task."""
 
-    def __init__(self, js: JetStreamContext, store: EventStore, settings: ExecutorSettings) -> None:
+    def __init__(
+        self, nc: NATS, js: JetStreamContext, store: EventStore, settings: ExecutorSettings
+    ) -> None:
+        self.nc = nc
         self.js = js
         self.store = store
         self.settings = settings
+        self.executor_id = settings.executor_id
         self.sessions: dict[str, LiveSession] = {}
         self.accepted: set[str] = set()
-        self._lock = asyncio.Lock()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._leases: KeyValue | None = None
+        # session -> (owner id, monotonic time its lease was last written), from the leases watch.
+        self._lease_seen: dict[str, tuple[str, float]] = {}
+        self._background: list[asyncio.Task[None]] = []
+        self._inbox = None
+
+    async def start(self) -> None:
+        self._leases = await self.js.key_value(subjects.LEASES_BUCKET)
+        self._inbox = await self.nc.subscribe(
+            subjects.executor_inbox_subject(self.executor_id), cb=self._on_forwarded
+        )
+        self._background = [
+            asyncio.create_task(self._heartbeat(), name="lease-heartbeat"),
+            asyncio.create_task(self._watch_leases(), name="lease-watch"),
+            asyncio.create_task(self._check_expired_leases(), name="lease-expiry"),
+        ]
+
+    # --- entry points -----------------------------------------------------------------
 
     async def handle(self, command: cmd.Command, body: cmd.CommandBody, message: Msg) -> None:
-        extra = {"session_id": command.session_id, "command_id": command.command_id, "command_type": command.type}
-        async with self._lock:
+        """Handle a command from the JetStream consumer, forwarding it if another executor owns the session."""
+        owner = await self._owner(command.session_id)
+        if owner is not None and owner != self.executor_id:
+            if await self._forward(owner, command, message.data):
+                await message.ack()
+            else:
+                # The owner is gone or busy; its lease expires soon and the command comes back.
+                await message.nak(delay=2.0)
+            return
+        await self.process(command, body, message.ack)
+
+    async def _on_forwarded(self, message: Msg) -> None:
+        try:
+            command, body = decode_command(message.data)
+        except InvalidCommand as error:
+            logger.warning("invalid forwarded command: %s", error.reason)
+            await message.respond(b"invalid: " + error.reason.encode())
+            return
+
+        async def accept() -> None:
+            await message.respond(ACCEPTED)
+
+        try:
+            await self.process(command, body, accept)
+        except Exception:
+            logger.exception(
+                "forwarded command failed",
+                extra={"session_id": command.session_id, "command_id": command.command_id},
+            )
+            with contextlib.suppress(Exception):
+                await message.respond(b"failed")
+
+    async def _forward(self, owner: str, command: cmd.Command, raw: bytes) -> bool:
+        extra = {"session_id": command.session_id, "command_id": command.command_id, "owner": owner}
+        try:
+            reply = await self.nc.request(
+                subjects.executor_inbox_subject(owner), raw, timeout=FORWARD_TIMEOUT_SECONDS
+            )
+        except (NoRespondersError, NatsTimeoutError) as error:
+            logger.warning(
+                "forwarding to the session's owner failed: %s", type(error).__name__, extra=extra
+            )
+            return False
+        if reply.data != ACCEPTED:
+            logger.warning(
+                "the session's owner did not accept the command: %r", reply.data, extra=extra
+            )
+            return False
+        logger.info("command forwarded to the session's owner", extra=extra)
+        return True
+
+    # --- processing -------------------------------------------------------------------
+
+    async def process(self, command: cmd.Command, body: cmd.CommandBody, ack: Ack) -> None:
+        extra = {
+            "session_id": command.session_id,
+            "command_id": command.command_id,
+            "command_type": command.type,
+        }
+        lock = self._locks.setdefault(command.session_id, asyncio.Lock())
+        async with lock:
             if command.command_id in self.accepted:
                 logger.info("duplicate command ignored", extra=extra)
-                await message.ack()
+                await ack()
                 return
             events = await self.store.read(command.session_id)
             if any(event.command_id == command.command_id for event in events):
                 # A redelivered command whose work already started: its events are in the stream.
                 logger.info("redelivered command already handled", extra=extra)
                 self.accepted.add(command.command_id)
-                await message.ack()
+                await ack()
                 return
             state = fold(command.session_id, events)
             reason = self._rejection(command, body, state)
@@ -57,55 +174,323 @@ class ExecutorService:
                     command_id=command.command_id,
                 )
                 logger.info("command rejected: %s", text, extra=extra)
-                await message.ack()
+                self.accepted.add(command.command_id)
+                await ack()
                 return
             self.accepted.add(command.command_id)
-            await message.ack()
+            await self._take_lease(command.session_id)
+            await ack()
             logger.info("command accepted", extra=extra)
             await self._start(command, body, state)
 
-    def _rejection(self, command: cmd.Command, body: cmd.CommandBody, state: SessionState) -> tuple[str, str] | None:
+    def _rejection(
+        self, command: cmd.Command, body: cmd.CommandBody, state: SessionState
+    ) -> tuple[str, str] | None:
         if state.last_seq == 0:
             return "not_found", f"session {command.session_id} has no events"
         live = self.sessions.get(command.session_id)
-        if isinstance(body, cmd.ExecutePlan):
-            if body.mode not in EXECUTION_MODES:
-                return "invalid_command", f"unknown execution mode {body.mode!r}; use one of {', '.join(EXECUTION_MODES)}"
+        busy = live is not None and live.busy
+        if isinstance(body, cmd.CancelTask):
+            return (
+                ("invalid_state", "session is already cancelled")
+                if state.status == CANCELLED
+                else None
+            )
+        if state.status == CANCELLED:
+            return "invalid_state", f"session is cancelled; {command.type} is not possible"
+        if isinstance(body, (cmd.ExecutePlan, cmd.RunTillEnd)):
+            if isinstance(body, cmd.ExecutePlan) and body.mode not in EXECUTION_MODES:
+                return (
+                    "invalid_command",
+                    f"unknown execution mode {body.mode!r}; use one of {', '.join(EXECUTION_MODES)}",
+                )
             if not state.plan_ready:
-                return "invalid_state", f"session is {state.status} and has no ready plan to execute"
-            if state.status == CANCELLED:
-                return "invalid_state", "session is cancelled"
-            if state.status == RUNNING or (live is not None and live.busy):
+                return (
+                    "invalid_state",
+                    f"session is {state.status} and has no ready plan to execute",
+                )
+            if state.status == RUNNING or busy:
                 return "invalid_state", "session is already running"
-            if not (is_offline(state.llm_model) or is_gemini(state.llm_model)):
-                return "unsupported_model", f"model {state.llm_model!r} is not supported; use 'offline' or a gemini-* model"
-            if is_gemini(state.llm_model) and not self.settings.gemini_api_key:
-                return "model_unavailable", f"model {state.llm_model!r} needs GEMINI_API_KEY or GOOGLE_API_KEY on the executor"
+            if state.blocked_step is not None:
+                return "invalid_state", f"step {state.blocked_step} failed; retry or skip it first"
             if state.next_step is None:
                 return "invalid_state", "every step of the plan has already passed or been skipped"
+            return self._model_problem(state)
+        if isinstance(body, cmd.PauseExecution):
+            if (
+                state.status != RUNNING
+                or not busy
+                or (live is not None and live.task_id in self._act_tasks(state))
+            ):
+                return (
+                    "invalid_state",
+                    f"session is {state.status}, not running a plan; nothing to pause",
+                )
             return None
-        if isinstance(body, cmd.CancelTask):
-            if state.status == CANCELLED:
-                return "invalid_state", "session is already cancelled"
+        if isinstance(body, cmd.ContinueExecution):
+            if state.status not in (PAUSED, "stopped", "interrupted") or busy:
+                return (
+                    "invalid_state",
+                    f"session is {state.status}; only a paused, stopped or interrupted session can continue",
+                )
+            if state.blocked_step is not None:
+                return (
+                    "invalid_state",
+                    f"run till end is paused at failed step {state.blocked_step}; retry or skip it",
+                )
+            if state.next_step is None:
+                return "invalid_state", "every step of the plan has already passed or been skipped"
+            return self._model_problem(state)
+        if isinstance(body, (cmd.RetryStep, cmd.SkipStep)):
+            if state.blocked_step is None or busy:
+                return (
+                    "invalid_state",
+                    f"session is {state.status} and no run till end is paused at a failed step",
+                )
+            return self._model_problem(state)
+        if isinstance(body, cmd.Act):
+            if state.status == RUNNING or busy:
+                return "invalid_state", "session is running; pause it before act mode"
+            if not body.task.strip():
+                return "invalid_command", "act instruction is empty"
+            return self._model_problem(state)
+        if isinstance(body, cmd.StopAll):
+            if state.status == "stopped" and not state.browser_open and not busy:
+                return "invalid_state", "session is already stopped"
             return None
-        # NOTE: pause, continue, act, run-till-end controls, retry, skip and stop-all are not built yet.
-        return "not_supported", f"command {command.type} is not supported by this executor yet"
+        return "invalid_command", f"command {command.type} is not an executor command"
 
-    async def _start(self, command: cmd.Command, body: cmd.CommandBody, state: SessionState) -> None:
-        live = self.sessions.get(command.session_id)
+    @staticmethod
+    def _act_tasks(state: SessionState) -> set[str]:
+        return {task.task_id for task in state.tasks.values() if task.task_type == "act_mode"}
+
+    def _model_problem(self, state: SessionState) -> tuple[str, str] | None:
+        if not (is_offline(state.llm_model) or is_gemini(state.llm_model)):
+            return (
+                "unsupported_model",
+                f"model {state.llm_model!r} is not supported; use 'offline' or a gemini-* model",
+            )
+        if is_gemini(state.llm_model) and not self.settings.gemini_api_key:
+            return (
+                "model_unavailable",
+                f"model {state.llm_model!r} needs GEMINI_API_KEY or GOOGLE_API_KEY on the executor",
+            )
+        return None
+
+    def _live(self, state: SessionState) -> LiveSession:
+        live = self.sessions.get(state.session_id)
+        if live is None:
+            live = LiveSession(
+                self.js, self.store, self.settings, state, on_browser_closed=self._browser_closed
+            )
+            self.sessions[state.session_id] = live
+        elif not live.busy:
+            live.replace_state(state)
+        return live
+
+    async def _start(
+        self, command: cmd.Command, body: cmd.CommandBody, state: SessionState
+    ) -> None:
+        cid = command.command_id
         if isinstance(body, cmd.ExecutePlan):
-            if live is None or live.busy:
-                live = self.sessions[command.session_id] = LiveSession(self.js, self.store, self.settings, state)
+            self._live(state).start_execution(body.task_id, cid, body.mode)
+        elif isinstance(body, cmd.RunTillEnd):
+            self._live(state).start_execution(body.task_id, cid, RUN_TILL_END)
+        elif isinstance(body, cmd.ContinueExecution):
+            live = self._live(state)
+            current = state.current_task
+            live.mode = (
+                RUN_TILL_END
+                if current is not None and current.task_type == RUN_TILL_END
+                else EXECUTION
+            )
+            live.resume(body.task_id, cid)
+        elif isinstance(body, cmd.RetryStep):
+            live = self._live(state)
+            live.mode = RUN_TILL_END
+            live.resume(body.task_id, cid)
+        elif isinstance(body, cmd.SkipStep):
+            live = self._live(state)
+            live.mode = RUN_TILL_END
+            live.resume(body.task_id, cid, skip_step=state.blocked_step)
+        elif isinstance(body, cmd.Act):
+            self._live(state).start_act(body.task_id, cid, body.task, body.previous_context)
+        elif isinstance(body, cmd.PauseExecution):
+            await set_control_flag(self.js, state.session_id, PAUSE_FLAG)
+            self.sessions[state.session_id].request_pause(PAUSE_FLAG, cid)
+        elif isinstance(body, cmd.StopAll):
+            live = self.sessions.get(state.session_id)
+            if live is not None and live.busy:
+                await set_control_flag(self.js, state.session_id, STOP_ALL_FLAG)
+                live.request_pause(STOP_ALL_FLAG, cid)
             else:
-                live.state = live.runner.state = state
-            live.start_execution(body.task_id, command.command_id, body.mode)
+                await self._live(state).stop_all(cid)
         elif isinstance(body, cmd.CancelTask):
-            if live is None:
-                live = LiveSession(self.js, self.store, self.settings, state)
-            await live.cancel(command.command_id)
-            self.sessions.pop(command.session_id, None)
+            await set_control_flag(self.js, state.session_id, CANCEL_FLAG)
+            await self._live(state).cancel(cid)
+
+    async def _browser_closed(self, live: LiveSession) -> None:
+        if self.sessions.get(live.session_id) is live:
+            del self.sessions[live.session_id]
+        await self._release_lease(live.session_id)
+
+    # --- leases -----------------------------------------------------------------------
+
+    async def _owner(self, session_id: str) -> str | None:
+        assert self._leases is not None
+        try:
+            entry = await self._leases.get(session_id)
+        except Exception:
+            return None
+        value = (entry.value or b"").decode() if entry is not None else ""
+        return value or None
+
+    async def _take_lease(self, session_id: str) -> None:
+        assert self._leases is not None
+        await self._leases.put(session_id, self.executor_id.encode())
+
+    async def _release_lease(self, session_id: str) -> None:
+        assert self._leases is not None
+        if await self._owner(session_id) == self.executor_id:
+            with contextlib.suppress(Exception):
+                await self._leases.delete(session_id)
+
+    async def _heartbeat(self) -> None:
+        """Renew the leases of owned sessions from a thread with its own event loop and connection.
+
+        browser-use blocks the event loop for seconds at a time while Chromium starts on a
+        loaded machine, and a lease not renewed for LEASE_TTL_SECONDS marks the session
+        interrupted, so the renewal must not depend on this loop.
+        """
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._heartbeat_thread, args=(stop,), name="lease-heartbeat", daemon=True
+        )
+        thread.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            stop.set()
+
+    def owned_sessions(self) -> list[str]:
+        return [
+            sid for sid, live in list(self.sessions.items()) if live.busy or live.browser.is_open
+        ]
+
+    def _heartbeat_thread(self, stop: threading.Event) -> None:
+        async def beat() -> None:
+            client = await connect(self.settings.nats_url, f"executor-{self.executor_id}-heartbeat")
+            try:
+                leases = await client.jetstream().key_value(subjects.LEASES_BUCKET)
+                while not stop.is_set():
+                    for session_id in self.owned_sessions():
+                        try:
+                            await leases.put(session_id, self.executor_id.encode())
+                        except Exception as error:  # noqa: BLE001 - retried at the next beat
+                            logger.warning(
+                                "lease renewal failed: %s", error, extra={"session_id": session_id}
+                            )
+                    await asyncio.sleep(HEARTBEAT_SECONDS)
+            finally:
+                await client.close()
+
+        asyncio.run(beat())
+
+    async def _watch_leases(self) -> None:
+        assert self._leases is not None
+        while True:
+            try:
+                watcher = await self._leases.watchall()
+                async for entry in watcher:
+                    if entry is None:
+                        continue
+                    if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+                        self._lease_seen.pop(entry.key, None)
+                    else:
+                        self._lease_seen[entry.key] = (entry.value.decode(), time.monotonic())
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                logger.warning("watching leases failed: %s", error)
+                await asyncio.sleep(1.0)
+
+    async def _check_expired_leases(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for session_id, (owner, seen_at) in list(self._lease_seen.items()):
+                if owner == self.executor_id or now - seen_at < LEASE_TTL_SECONDS + 1:
+                    continue
+                try:
+                    await self._claim_interrupted(session_id, owner)
+                except Exception as error:
+                    logger.warning(
+                        "marking an interrupted session failed: %s",
+                        error,
+                        extra={"session_id": session_id},
+                    )
+
+    async def _claim_interrupted(self, session_id: str, owner: str) -> None:
+        """Append `session_interrupted` for a session whose owner stopped renewing its lease, once."""
+        assert self._leases is not None
+        claim = f"interrupted-by-{self.executor_id}".encode()
+        try:
+            await self._leases.create(session_id, claim)
+        except Exception:
+            current = await self._owner(session_id)
+            if current != owner:
+                self._lease_seen.pop(session_id, None)
+            return
+        self._lease_seen.pop(session_id, None)
+        # Kill the dead owner's Chromium if it ran on this machine: it is found by the
+        # session folder on its command line, which replicas sharing STEPWISE_HOME agree on.
+        orphan = SessionBrowser(session_id, self.settings.chromium, self.settings.browsers_dir, "")
+        killed = await asyncio.to_thread(orphan.kill_processes)
+        if killed:
+            logger.info(
+                "killed Chromium left by a dead executor",
+                extra={"session_id": session_id, "pids": killed},
+            )
+        try:
+            state = fold(session_id, await self.store.read(session_id))
+            if state.status in LIVE_STATUSES or state.browser_open:
+                await self.store.append(
+                    session_id,
+                    ev.SessionInterrupted(
+                        reason=f"executor {owner} stopped renewing its lease on the session's browser",
+                        executor_id=owner,
+                        last_completed_step=state.last_completed_step,
+                    ),
+                )
+                logger.warning(
+                    "session interrupted: its executor is gone",
+                    extra={"session_id": session_id, "owner": owner},
+                )
+        finally:
+            with contextlib.suppress(Exception):
+                await self._leases.delete(session_id)
 
     async def shutdown(self) -> None:
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._inbox is not None:
+            with contextlib.suppress(Exception):
+                await self._inbox.unsubscribe()
         for live in list(self.sessions.values()):
             await live.shutdown()
+            with contextlib.suppress(Exception):
+                state = fold(live.session_id, await self.store.read(live.session_id))
+                if state.status in LIVE_STATUSES or state.browser_open:
+                    await self.store.append(
+                        live.session_id,
+                        ev.SessionInterrupted(
+                            reason=f"executor {self.executor_id} shut down",
+                            executor_id=self.executor_id,
+                            last_completed_step=state.last_completed_step,
+                        ),
+                    )
+            await self._release_lease(live.session_id)
         self.sessions.clear()

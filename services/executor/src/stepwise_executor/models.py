@@ -53,7 +53,9 @@ class ModelFailure:
 def _is_invalid_output(error: ModelProviderError) -> bool:
     # ChatGoogle (browser-use 0.13.14) reports unparsable or schema-violating output as a
     # ModelProviderError with status 500 and one of these messages.
-    return error.message.startswith(("Failed to parse or validate response", "No response from model"))
+    return error.message.startswith(
+        ("Failed to parse or validate response", "No response from model")
+    )
 
 
 def _status_code(error: ModelProviderError) -> int:
@@ -68,7 +70,9 @@ def _status_code(error: ModelProviderError) -> int:
 def _is_transient(error: BaseException) -> bool:
     if isinstance(error, ModelProviderError):
         return _status_code(error) in TRANSIENT_STATUS_CODES and not _is_invalid_output(error)
-    return isinstance(error, (httpx.TimeoutException, httpx.TransportError, ConnectionError, TimeoutError))
+    return isinstance(
+        error, (httpx.TimeoutException, httpx.TransportError, ConnectionError, TimeoutError)
+    )
 
 
 def retry_delay(attempt: int) -> float:
@@ -124,7 +128,7 @@ class RetryingChatModel(BaseChatModel):
                 return await self.inner.ainvoke(messages, output_format, **kwargs)
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # noqa: BLE001 - classified below, re-raised as ModelCallError
+            except Exception as error:
                 failure = error
             if isinstance(failure, ValidationError) or (
                 isinstance(failure, ModelProviderError) and _is_invalid_output(failure)
@@ -135,7 +139,10 @@ class RetryingChatModel(BaseChatModel):
                         f"the model returned invalid output {invalid} times in a row: {_text(failure)}",
                         INVALID_MODEL_OUTPUT,
                     ) from failure
-                logger.warning("model output invalid, asking again", extra={"model": self.model, "attempt": invalid})
+                logger.warning(
+                    "model output invalid, asking again",
+                    extra={"model": self.model, "attempt": invalid},
+                )
                 continue
             if not _is_transient(failure) or retries >= MAX_RETRIES:
                 raise self._fail(_failure_text(failure, retries), MODEL_ERROR) from failure
@@ -167,7 +174,9 @@ def _failure_text(error: BaseException, retries: int) -> str:
     return f"the model call failed{suffix}: {_text(error)}"
 
 
-def gemini_model(model: str, api_key: str, base_url: str | None, on_retry: RetryCallback | None) -> RetryingChatModel:
+def gemini_model(
+    model: str, api_key: str, base_url: str | None, on_retry: RetryCallback | None
+) -> RetryingChatModel:
     http_options: dict[str, Any] = {"timeout": 120_000}
     if base_url:
         http_options["base_url"] = base_url

@@ -23,7 +23,6 @@ from browser_use.llm.base import BaseChatModel
 from browser_use.llm.messages import BaseMessage
 from browser_use.llm.views import ChatInvokeCompletion
 from pydantic import BaseModel
-
 from stepwise_libs.phrases import StepIntent, parse_step
 
 from .page_state import PageElement, PageState, extract_browser_state, parse_page_state
@@ -78,7 +77,9 @@ def message_text(message: BaseMessage) -> str:
         return content
     if content is None:
         return ""
-    return "\n".join(getattr(part, "text", "") for part in content if getattr(part, "type", "") == "text")
+    return "\n".join(
+        getattr(part, "text", "") for part in content if getattr(part, "type", "") == "text"
+    )
 
 
 def resolve_url(target: str, base_url: str) -> str:
@@ -101,7 +102,16 @@ def _fold(value: str) -> str:
 def _element_names(element: PageElement, page: PageState) -> list[str]:
     """The names an element can be referred to by: text, accessible attributes and label text."""
     names = [element.text, *element.texts]
-    for key in ("aria-label", "title", "placeholder", "value", "alt", "name", "id", "aria-placeholder"):
+    for key in (
+        "aria-label",
+        "title",
+        "placeholder",
+        "value",
+        "alt",
+        "name",
+        "id",
+        "aria-placeholder",
+    ):
         value = element.attributes.get(key)
         if value:
             names.append(value)
@@ -135,7 +145,11 @@ def find_element(page: PageState, target: str, kinds: str = "any") -> PageElemen
         lambda name: wanted in _fold(name),
     )
     for test in tests:
-        matches = [element for element in candidates if any(test(name) for name in _element_names(element, page))]
+        matches = [
+            element
+            for element in candidates
+            if any(test(name) for name in _element_names(element, page))
+        ]
         if matches:
             # A wrapper's text includes its children's, so the most deeply nested match is the
             # control itself (a link inside a clickable <span>); ties go to document order.
@@ -216,10 +230,17 @@ class OfflineChatModel(BaseChatModel):
         texts = [message_text(message) for message in messages]
         # The system prompt also names <user_request>; the step text is in a user message.
         user_texts = [message_text(message) for message in messages if message.role == "user"]
-        task = next((m.group("task") for text in reversed(user_texts) if (m := _USER_REQUEST.search(text))), None)
-        state_text = next((s for text in reversed(texts) if (s := extract_browser_state(text)) is not None), None)
+        task = next(
+            (m.group("task") for text in reversed(user_texts) if (m := _USER_REQUEST.search(text))),
+            None,
+        )
+        state_text = next(
+            (s for text in reversed(texts) if (s := extract_browser_state(text)) is not None), None
+        )
         if task is None:
-            raise OfflineModelError("the agent's messages contain no <user_request> with the step text")
+            raise OfflineModelError(
+                "the agent's messages contain no <user_request> with the step text"
+            )
         if state_text is None:
             raise OfflineModelError("the agent's messages contain no <browser_state> with the page")
         page = parse_page_state(state_text)
@@ -239,9 +260,15 @@ class OfflineChatModel(BaseChatModel):
     def _after_action(self, step: str, texts: list[str]) -> _Decision:
         result = _last_step_result(texts)
         if result and _FAILED_RESULT.search(result):
-            return _done(result, success=False, thinking=f"The action for this step failed: {result}")
+            return _done(
+                result, success=False, thinking=f"The action for this step failed: {result}"
+            )
         summary = result or "done"
-        return _done(f'Step "{step}" done: {summary}', success=True, thinking="The action ran; the step is done.")
+        return _done(
+            f'Step "{step}" done: {summary}',
+            success=True,
+            thinking="The action ran; the step is done.",
+        )
 
     def _act(self, intent: StepIntent, step: str, page: PageState) -> _Decision:
         if intent.kind == "open":
@@ -252,7 +279,8 @@ class OfflineChatModel(BaseChatModel):
             if element is None:
                 return _not_found(intent.target, page)
             return self._action(
-                f'Click {element.describe()}, which matches "{intent.target}".', {"click": {"index": element.index}}
+                f'Click {element.describe()}, which matches "{intent.target}".',
+                {"click": {"index": element.index}},
             )
         if intent.kind == "type":
             element = find_element(page, intent.target, "field")
@@ -277,7 +305,9 @@ class OfflineChatModel(BaseChatModel):
             return self._check(intent, page)
         if intent.kind == "wait":
             return self._wait(intent, page)
-        return _done(f"The offline model has no action for steps of kind {intent.kind!r}", success=False)
+        return _done(
+            f"The offline model has no action for steps of kind {intent.kind!r}", success=False
+        )
 
     def _action(self, thinking: str, action: dict[str, dict[str, Any]]) -> _Decision:
         self._acted = True
@@ -288,13 +318,27 @@ class OfflineChatModel(BaseChatModel):
         wanted = intent.kind == "check"
         if shown == wanted:
             verb = "shows" if wanted else "does not show"
-            return _done(f'The page {verb} "{intent.target}".', success=True, thinking=f'Checked {page.url}: it {verb} "{intent.target}".')
+            return _done(
+                f'The page {verb} "{intent.target}".',
+                success=True,
+                thinking=f'Checked {page.url}: it {verb} "{intent.target}".',
+            )
         if self._polls < CHECK_POLLS:
             self._polls += 1
-            return _poll(f'Looking for "{intent.target}" again after a short wait (poll {self._polls}).')
+            return _poll(
+                f'Looking for "{intent.target}" again after a short wait (poll {self._polls}).'
+            )
         if wanted:
-            return _done(f'Text "{intent.target}" was not found on the page', success=False, thinking=f"Checked {page.url}.")
-        return _done(f'Text "{intent.target}" is still shown on the page', success=False, thinking=f"Checked {page.url}.")
+            return _done(
+                f'Text "{intent.target}" was not found on the page',
+                success=False,
+                thinking=f"Checked {page.url}.",
+            )
+        return _done(
+            f'Text "{intent.target}" is still shown on the page',
+            success=False,
+            thinking=f"Checked {page.url}.",
+        )
 
     def _wait(self, intent: StepIntent, page: PageState) -> _Decision:
         limit = intent.timeout_seconds or DEFAULT_WAIT_SECONDS
@@ -302,7 +346,11 @@ class OfflineChatModel(BaseChatModel):
         if self._wait_started is None:
             self._wait_started = now
         if text_on_page(page, intent.target):
-            return _done(f'The page shows "{intent.target}".', success=True, thinking=f'"{intent.target}" appeared.')
+            return _done(
+                f'The page shows "{intent.target}".',
+                success=True,
+                thinking=f'"{intent.target}" appeared.',
+            )
         if now - self._wait_started >= limit:
             return _done(
                 f'Text "{intent.target}" was not found on the page within {limit:g} seconds',
@@ -330,7 +378,7 @@ def _not_found(target: str, page: PageState, kind: str = "element") -> _Decision
     return _done(
         f'No {kind} matching "{target}" was found on the page',
         success=False,
-        thinking=f"Looked for {kind} \"{target}\" on {page.url or 'the page'}; interactive elements: {names}",
+        thinking=f'Looked for {kind} "{target}" on {page.url or "the page"}; interactive elements: {names}',
     )
 
 
@@ -347,5 +395,7 @@ def _last_step_result(texts: list[str]) -> str:
         block = last[1]
         if "Result" in block:
             block = block.split("Result", 1)[1]
-        return " ".join(line.strip() for line in block.splitlines() if line.strip() and not line.startswith(">"))
+        return " ".join(
+            line.strip() for line in block.splitlines() if line.strip() and not line.startswith(">")
+        )
     return ""

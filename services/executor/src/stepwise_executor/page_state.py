@@ -17,7 +17,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-_ELEMENT = re.compile(r"^(?P<indent>\t*)(?P<markers>(?:\|[^|\[\]]*\|)*)\*?\[(?P<index>\d+)\]<(?P<tag>[\w-]+)(?P<attrs>.*?)\s*/?>\s*$")
+_ELEMENT = re.compile(
+    r"^(?P<indent>\t*)(?P<markers>(?:\|[^|\[\]]*\|)*)\*?\[(?P<index>\d+)\]<(?P<tag>[\w-]+)(?P<attrs>.*?)\s*/?>\s*$"
+)
 _ATTRIBUTE_KEY = re.compile(r"(?:^|\s)(?P<key>[a-zA-Z_][\w-]*)=")
 _CURRENT_URL = re.compile(r"^Tab \w+: (?P<url>\S+)")
 
@@ -44,14 +46,25 @@ class PageElement:
             return True
         if self.tag != "input":
             return False
-        return self.attributes.get("type", "text") not in TOGGLE_TYPES | {"submit", "button", "reset", "file", "image", "hidden"}
+        return self.attributes.get("type", "text") not in TOGGLE_TYPES | {
+            "submit",
+            "button",
+            "reset",
+            "file",
+            "image",
+            "hidden",
+        }
 
     @property
     def is_toggle(self) -> bool:
         return self.tag == "input" and self.attributes.get("type") in TOGGLE_TYPES
 
     def describe(self) -> str:
-        shown = " ".join(f"{key}={value}" for key, value in self.attributes.items() if key != "compound_components")
+        shown = " ".join(
+            f"{key}={value}"
+            for key, value in self.attributes.items()
+            if key != "compound_components"
+        )
         label = f" {shown}" if shown else ""
         text = f' "{self.text}"' if self.texts else ""
         return f"[{self.index}]<{self.tag}{label}>{text}"

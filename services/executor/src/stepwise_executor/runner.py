@@ -11,7 +11,6 @@ from typing import Any
 
 from browser_use import Agent, BrowserSession
 from nats.js import JetStreamContext
-
 from stepwise_libs import events as ev
 from stepwise_libs import subjects
 from stepwise_libs.events import ActionRecord
@@ -69,7 +68,12 @@ def action_records(item: Any) -> list[ActionRecord]:
 
 
 def build_agent(
-    task: str, llm: Any, session: BrowserSession, folder: Path, step_timeout: float, use_vision: bool
+    task: str,
+    llm: Any,
+    session: BrowserSession,
+    folder: Path,
+    step_timeout: float,
+    use_vision: bool,
 ) -> Agent:
     """Create the agent for one plan step or act-mode instruction in the session's browser."""
     return Agent(
@@ -138,8 +142,13 @@ class StepRunner:
             )
 
         if not self.settings.gemini_api_key:
-            raise StepError(f"model {model!r} needs GEMINI_API_KEY or GOOGLE_API_KEY, and neither is set", MODEL_ERROR)
-        return gemini_model(model, self.settings.gemini_api_key, self.settings.gemini_base_url, on_retry)
+            raise StepError(
+                f"model {model!r} needs GEMINI_API_KEY or GOOGLE_API_KEY, and neither is set",
+                MODEL_ERROR,
+            )
+        return gemini_model(
+            model, self.settings.gemini_api_key, self.settings.gemini_base_url, on_retry
+        )
 
     async def run_agent(
         self,
@@ -148,9 +157,15 @@ class StepRunner:
         step_number: int | None,
         command_id: str | None,
         screenshot_step: int | str,
+        step_text: str | None = None,
     ) -> StepOutcome:
-        """Run one agent on `task` in the session's browser; never raises for a failed step."""
+        """Run one agent on `task` in the session's browser; never raises for a failed step.
+
+        `step_text` replaces `task` for the offline model, which reads one step phrase and no context.
+        """
         started = time.monotonic()
+        if step_text is not None and is_offline(self.state.llm_model):
+            task = step_text
         outcome = await self._run_agent(task, task_id, step_number, command_id)
         outcome.duration_ms = int((time.monotonic() - started) * 1000)
         if self.browser.is_open:
@@ -160,13 +175,17 @@ class StepRunner:
                 store = await self.js.object_store(subjects.SCREENSHOTS_BUCKET)
                 await store.put(name, data)
                 outcome.screenshots.append(name)
-            except Exception as error:  # noqa: BLE001 - a missing screenshot must not hide the step's result
+            except Exception as error:
                 logger.warning(
-                    "screenshot failed: %s", error, extra={"session_id": self.state.session_id, "step": screenshot_step}
+                    "screenshot failed: %s",
+                    error,
+                    extra={"session_id": self.state.session_id, "step": screenshot_step},
                 )
         return outcome
 
-    async def _run_agent(self, task: str, task_id: str, step_number: int | None, command_id: str | None) -> StepOutcome:
+    async def _run_agent(
+        self, task: str, task_id: str, step_number: int | None, command_id: str | None
+    ) -> StepOutcome:
         try:
             session = await self.browser.start()
             llm = self._model(task_id, step_number, command_id)
@@ -180,7 +199,8 @@ class StepRunner:
             for record in action_records(agent.history.history[-1]):
                 emitted.append(record)
                 await self.append(
-                    ev.ActionExecuted(task_id=task_id, step_number=step_number, action=record), command_id
+                    ev.ActionExecuted(task_id=task_id, step_number=step_number, action=record),
+                    command_id,
                 )
 
         agent = build_agent(
@@ -193,7 +213,8 @@ class StepRunner:
         )
         try:
             history = await asyncio.wait_for(
-                agent.run(max_steps=MAX_AGENT_STEPS, on_step_end=on_step_end), timeout=self.settings.step_timeout
+                agent.run(max_steps=MAX_AGENT_STEPS, on_step_end=on_step_end),
+                timeout=self.settings.step_timeout,
             )
         except TimeoutError:
             return StepOutcome(
@@ -202,9 +223,14 @@ class StepRunner:
                 error=f"the step did not finish within {self.settings.step_timeout:g} seconds",
                 category=TIMEOUT,
             )
-        except Exception as error:  # noqa: BLE001 - browser-use failures end the step, not the run loop
+        except Exception as error:
             logger.exception("agent run failed", extra={"session_id": self.state.session_id})
-            return StepOutcome(success=False, actions=emitted, error=f"the browser agent failed: {error}", category=BROWSER_ERROR)
+            return StepOutcome(
+                success=False,
+                actions=emitted,
+                error=f"the browser agent failed: {error}",
+                category=BROWSER_ERROR,
+            )
 
         thinking = "\n".join(
             item.model_output.thinking or item.model_output.next_goal or ""
@@ -220,7 +246,9 @@ class StepRunner:
         final = history.final_result() or ""
         if history.is_done():
             if history.is_successful():
-                return StepOutcome(success=True, thinking=thinking, actions=emitted, results=results)
+                return StepOutcome(
+                    success=True, thinking=thinking, actions=emitted, results=results
+                )
             return StepOutcome(
                 success=False,
                 thinking=thinking,
@@ -231,7 +259,9 @@ class StepRunner:
             )
         failure = llm.failure if isinstance(llm, RetryingChatModel) else None
         if failure is not None:
-            return StepOutcome(False, thinking, emitted, results, error=failure.message, category=failure.category)
+            return StepOutcome(
+                False, thinking, emitted, results, error=failure.message, category=failure.category
+            )
         errors = [error for error in history.errors() if error]
         message = errors[-1] if errors else "the agent stopped without finishing the step"
         return StepOutcome(False, thinking, emitted, results, error=message, category=BROWSER_ERROR)
@@ -241,7 +271,9 @@ class StepRunner:
         assert step is not None
         attempt = step.attempts + 1
         event = await self.append(
-            ev.StepStarted(task_id=task_id, step_number=number, description=step.description, attempt=attempt),
+            ev.StepStarted(
+                task_id=task_id, step_number=number, description=step.description, attempt=attempt
+            ),
             command_id,
         )
         _apply(self.state, event)

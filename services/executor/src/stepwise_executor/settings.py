@@ -13,7 +13,11 @@ from stepwise_libs.settings import CommonSettings, SettingsError, env_float, env
 def _executor_id() -> str:
     value = os.environ.get("STEPWISE_EXECUTOR_ID", "")
     if value and not all(ch.isalnum() or ch in "-_" for ch in value):
-        raise SettingsError("STEPWISE_EXECUTOR_ID", value, "letters, digits, '-' or '_' (it is part of a NATS subject)")
+        raise SettingsError(
+            "STEPWISE_EXECUTOR_ID",
+            value,
+            "letters, digits, '-' or '_' (it is part of a NATS subject)",
+        )
     return value or f"{socket.gethostname()}-{os.getpid()}".replace(".", "-")
 
 
@@ -34,9 +38,13 @@ def _base_url() -> str | None:
 @dataclass(frozen=True)
 class ExecutorSettings(CommonSettings):
     chromium: str = field(default_factory=_chromium)
-    home: Path = field(default_factory=lambda: Path(env_str("STEPWISE_HOME", "./.stepwise")).resolve())
+    home: Path = field(
+        default_factory=lambda: Path(env_str("STEPWISE_HOME", "./.stepwise")).resolve()
+    )
     # Seconds one plan step may take before it fails with category "timeout".
-    step_timeout: float = field(default_factory=lambda: env_float("STEPWISE_STEP_TIMEOUT", 120.0, 1.0))
+    step_timeout: float = field(
+        default_factory=lambda: env_float("STEPWISE_STEP_TIMEOUT", 120.0, 1.0)
+    )
     executor_id: str = field(default_factory=_executor_id)
     gemini_api_key: str | None = field(default_factory=gemini_api_key)
     gemini_base_url: str | None = field(default_factory=_base_url)
