@@ -222,8 +222,14 @@ async def test_events_rest_since_and_limit(client: httpx.AsyncClient, store: Eve
 
 
 async def test_events_rest_since_time(client: httpx.AsyncClient, store: EventStore) -> None:
-    session_id = str(uuid.uuid4())
-    stored = await append_progress(store, session_id, 6)
+    session_id, other = str(uuid.uuid4()), str(uuid.uuid4())
+    stored = []
+    # Another session's events in between make the positions non-contiguous.
+    for index in range(6):
+        stored.append(
+            await store.append(session_id, ev.PlanProgress(plan_id="p", message=str(index)))
+        )
+        await store.append(other, ev.PlanProgress(plan_id="q", message=str(index)))
     cut = stored[3].at
 
     after = await client.get(
@@ -237,6 +243,14 @@ async def test_events_rest_since_time(client: httpx.AsyncClient, store: EventSto
         f"/api/sessions/{session_id}/events",
         params={"since_time": (cut - timedelta(days=1)).isoformat(), "limit": 2},
     )
+    combined = await client.get(
+        f"/api/sessions/{session_id}/events",
+        params={"since": 5, "since_time": (cut - timedelta(days=1)).isoformat()},
+    )
+    future = await client.get(
+        f"/api/sessions/{session_id}/events",
+        params={"since_time": (cut + timedelta(days=1)).isoformat()},
+    )
     naive = await client.get(
         f"/api/sessions/{session_id}/events", params={"since_time": "2026-01-01T00:00:00"}
     )
@@ -247,6 +261,9 @@ async def test_events_rest_since_time(client: httpx.AsyncClient, store: EventSto
     assert [event["seq"] for event in after.json()["events"]] == [5, 6]
     assert [event["seq"] for event in after_local.json()["events"]] == [5, 6]
     assert [event["seq"] for event in limited.json()["events"]] == [1, 2]
+    assert [event["seq"] for event in combined.json()["events"]] == [6]
+    assert future.json()["events"] == []
+    assert future.json()["next_since"] == 0
     assert naive.status_code == 422
     assert naive.json()["error"]["field"] == "since_time"
     assert garbage.status_code == 422

@@ -27,6 +27,7 @@ from fastapi.responses import StreamingResponse
 from stepwise_gateway import socket_commands
 from stepwise_gateway.dependencies import get_runtime, runtime_of, session_id_path
 from stepwise_gateway.errors import GatewayError, InvalidInput, SessionNotFound
+from stepwise_gateway.history import read_after_time
 from stepwise_gateway.pump import (
     CLOSE_INVALID,
     CLOSE_NOT_FOUND,
@@ -81,7 +82,7 @@ async def read_events(
             "add one, like 2026-01-01T12:00:00+00:00",
             field="since_time",
         )
-    _, store = runtime.jetstream()
+    js, store = runtime.jetstream()
     with nats_errors(f"reading the events of session {session_id}"):
         _, last_seq = await store.last(session_id)
         if last_seq == 0:
@@ -89,11 +90,9 @@ async def read_events(
         if since_time is None:
             events = await store.read(session_id, since, limit)
         else:
-            # NOTE: a time filter reads every event after `since` and filters them here;
-            # pass `since` as well to bound the read on long sessions.
-            events = [
-                event for event in await store.read(session_id, since) if event.at > since_time
-            ][:limit]
+            events = await read_after_time(
+                js, store, session_id, since_time, since, last_seq, limit
+            )
     next_since = events[-1].seq if events else since
     body = {
         "session_id": session_id,
