@@ -10,8 +10,9 @@ from pathlib import Path
 from nats.aio.client import Client as NATS
 from stepwise_libs.jetstream import EventStore, connect, ensure_topology
 
-from .servers import Redis, Servers, _stop, _wait
 from stepwise.embedded import free_port, port_open
+
+from .servers import Redis, Servers, _stop, _wait
 
 
 @dataclass

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from stepwise.sample_site import sample_test_case, serve_sample_site
 from stepwise_libs import commands as cmd
 from stepwise_libs import events as ev
 from stepwise_libs import subjects
 from stepwise_libs.jetstream import EventStore, publish_command
 from stepwise_libs.phrases import split_test_case
+
+from stepwise.sample_site import sample_test_case, serve_sample_site
 
 from .context import Bench
 from .servers import BenchError, _bin, _stop
@@ -33,9 +34,11 @@ class Watched:
     seen: list[tuple[float, ev.Event]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def wait_for(self, types: set[str], after: float = 0.0, timeout: float = 120) -> tuple[float, ev.Event]:
+    async def wait_for(
+        self, types: set[str], after: float = 0.0, within: float = 120
+    ) -> tuple[float, ev.Event]:
         """The first event of one of `types` that arrived after `after` (a perf_counter time)."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while True:
             for arrived, event in self.seen:
                 if arrived >= after and event.type in types:
@@ -43,7 +46,9 @@ class Watched:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 got = [event.type for _, event in self.seen][-5:]
-                raise BenchError(f"no {sorted(types)} within {timeout} s on {self.session_id}; last: {got}")
+                raise BenchError(
+                    f"no {sorted(types)} within {within} s on {self.session_id}; last: {got}"
+                )
             self.changed.clear()
             try:
                 await asyncio.wait_for(self.changed.wait(), remaining)
@@ -78,12 +83,15 @@ class ExecutorStack:
         self.js = self.nc.jetstream()
         env = self.bench.servers.env("", STEPWISE_HOME=str(self.home), STEPWISE_LOG_LEVEL="INFO")
         env.pop("STEPWISE_DATABASE_URL")
-        self.process = self.bench.servers.start_process("executor", [_bin("stepwise-executor")], env)
+        self.process = self.bench.servers.start_process(
+            "executor", [_bin("stepwise-executor")], env
+        )
         log: Path = self.process.log_path  # type: ignore[attr-defined]
         deadline = time.monotonic() + 120
-        while "service ready" not in log.read_text(errors="replace"):
+        while "service ready" not in await asyncio.to_thread(log.read_text, errors="replace"):
             if self.process.poll() is not None:
-                raise BenchError(f"stepwise-executor exited at start: {log.read_text()[-600:]}")
+                tail = await asyncio.to_thread(log.read_text, errors="replace")
+                raise BenchError(f"stepwise-executor exited at start: {tail[-600:]}")
             if time.monotonic() > deadline:
                 raise BenchError("stepwise-executor did not log 'service ready' in 120 s")
             await asyncio.sleep(0.1)
@@ -106,7 +114,9 @@ class ExecutorStack:
         store: EventStore = self.store
         await store.append(
             session_id,
-            ev.SessionCreated(test_case=test_case, target_url=self.site.base_url, llm_model="offline"),
+            ev.SessionCreated(
+                test_case=test_case, target_url=self.site.base_url, llm_model="offline"
+            ),
         )
         await store.append(session_id, ev.PlanStarted(plan_id=plan_id, model="offline"))
         await store.append(

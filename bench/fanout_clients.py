@@ -55,7 +55,10 @@ async def main(url: str, count: int, last_seq: int) -> None:
     expected = last_seq - 1
     missed = [expected - o["received"] if isinstance(o, dict) else expected for o in outcomes]
     errors = [o["closed"] if isinstance(o, dict) else repr(o) for o in outcomes]
-    print(json.dumps({"latencies": latencies, "missed": missed, "errors": [e for e in errors if e]}), flush=True)
+    print(
+        json.dumps({"latencies": latencies, "missed": missed, "errors": [e for e in errors if e]}),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

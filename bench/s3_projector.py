@@ -27,8 +27,8 @@ from stepwise_libs.events import decode_event
 from .context import Bench
 from .servers import BenchError, _stop
 from .stats import Results, Target
-from .workload import new_session, paced, preload
 from .workload import action as make_action
+from .workload import new_session, paced, preload
 
 NAME = "3 projector"
 SESSIONS = 20
@@ -62,10 +62,12 @@ async def build_backlog(bench: Bench, total: int) -> tuple[list[str], int]:
         await nc.close()
 
 
-async def projector_throughput(bench: Bench, db: asyncpg.Connection, last: int, timeout: float) -> float:
+async def projector_throughput(
+    bench: Bench, db: asyncpg.Connection, last: int, within: float
+) -> float:
     """events/s from the projector's first committed batch to the one that reaches `last`."""
     first_seen: tuple[float, int] | None = None
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         position = await _position(db)
         now = time.perf_counter()
@@ -77,10 +79,12 @@ async def projector_throughput(bench: Bench, db: asyncpg.Connection, last: int, 
                 raise BenchError("the backlog was projected in one batch; make it larger")
             return (position - first_seen[1]) / (now - first_seen[0])
         await asyncio.sleep(0.01)
-    raise BenchError(f"the projector did not reach position {last} in {timeout} s")
+    raise BenchError(f"the projector did not reach position {last} in {within} s")
 
 
-async def steady_lag(bench: Bench, db: asyncpg.Connection, seconds: float) -> tuple[list[float], float]:
+async def steady_lag(
+    bench: Bench, db: asyncpg.Connection, seconds: float
+) -> tuple[list[float], float]:
     """Lags (ms) of appends at STEADY_RATE over SESSIONS sessions, and the achieved rate."""
     notices: dict[str, list[tuple[float, int]]] = defaultdict(list)
 
@@ -96,7 +100,7 @@ async def steady_lag(bench: Bench, db: asyncpg.Connection, seconds: float) -> tu
         per_session = int(STEADY_RATE / SESSIONS * seconds)
 
         async def write(session_id: str) -> None:
-            async for i in paced(STEADY_RATE / SESSIONS, per_session):
+            async for i in paced(STEADY_RATE / SESSIONS, per_session, within=seconds):
                 event = await store.append(session_id, make_action(i))
                 appended.append((session_id, event.seq, event.at.timestamp()))
 
@@ -139,7 +143,17 @@ async def copy_loop(bench: Bench, database_url: str, count: int, first: int) -> 
             max_ack_pending=-1,
         ),
     )
-    columns = ["position", "session_id", "seq", "event_id", "type", "at", "command_id", "version", "data"]
+    columns = [
+        "position",
+        "session_id",
+        "seq",
+        "event_id",
+        "type",
+        "at",
+        "command_id",
+        "version",
+        "data",
+    ]
     copied = 0
     try:
         start = time.perf_counter()
@@ -170,7 +184,7 @@ async def run_once(bench: Bench, results: Results) -> None:
     db = await asyncpg.connect(_dsn(database_url))
     projector = bench.servers.projector(database_url)
     try:
-        rate = await projector_throughput(bench, db, last, timeout=300)
+        rate = await projector_throughput(bench, db, last, within=300)
         results.add(NAME, "stepwise-projector backlog", "ev/s", rate)
         lags, achieved = await steady_lag(bench, db, seconds)
         results.add(NAME, f"steady load achieved (target {STEADY_RATE})", "ev/s", achieved)

@@ -22,6 +22,7 @@ from .servers import BenchError
 from .stats import Results, Target
 from .workload import action, new_session, paced
 
+ROOT = Path(__file__).resolve().parent.parent
 NAME = "5 fan-out"
 RATE = 100
 CLIENT_PROCESSES = 2
@@ -47,12 +48,16 @@ async def run_once(bench: Bench, results: Results) -> None:
             for share in _split(clients, CLIENT_PROCESSES):
                 processes.append(
                     await asyncio.create_subprocess_exec(
-                        sys.executable, "-m", "bench.fanout_clients",
-                        gateway.ws_url(session_id), str(share), str(last_seq),
+                        sys.executable,
+                        "-m",
+                        "bench.fanout_clients",
+                        gateway.ws_url(session_id),
+                        str(share),
+                        str(last_seq),
                         stdout=asyncio.subprocess.PIPE,
                         limit=1 << 28,
-                        cwd=Path(__file__).resolve().parent.parent,
-                    )  # fmt: skip
+                        cwd=ROOT,
+                    )
                 )
             for process in processes:
                 assert process.stdout is not None
@@ -78,7 +83,9 @@ async def run_once(bench: Bench, results: Results) -> None:
     errors = [error for report in reports for error in report["errors"]]
     results.add_latencies(NAME, f"{clients} clients latency", latencies)
     results.add(NAME, f"{clients} clients events lost", "events", missed)
-    results.add(NAME, "gateway RSS per client", "KiB", (rss_streaming - rss_before) / clients / 1024)
+    results.add(
+        NAME, "gateway RSS per client", "KiB", (rss_streaming - rss_before) / clients / 1024
+    )
     if errors:
         results.note(NAME, f"{len(errors)} clients ended early, first: {errors[0]}")
 
@@ -92,7 +99,13 @@ def targets(results: Results) -> list[Target]:
     p99 = next((name for name in names if name.endswith("latency p99")), "missing")
     lost = next((name for name in names if name.endswith("events lost")), "missing")
     return [
-        Target("fan-out p99 latency", "< 250 ms", lambda: results.median(NAME, p99), lambda v: v < 250, " ms"),
+        Target(
+            "fan-out p99 latency",
+            "< 250 ms",
+            lambda: results.median(NAME, p99),
+            lambda v: v < 250,
+            " ms",
+        ),
         Target(
             "fan-out events lost (worst run)",
             "0",

@@ -3,8 +3,8 @@
 Per try, a fresh session with a ready plan (the checkout sample, offline model):
 - submit: `ExecutePlan` published on the commands stream -> the executor's
   `execution_started` (the worker received and accepted it);
-- cancel: once step 1 ended (Chromium is up, step 2 runs), `CancelTask` -> `execution_cancelled`, and -> no
-  Chromium process of the session left;
+- cancel: once step 1 ended (Chromium is up, step 2 runs), `CancelTask` ->
+  `execution_cancelled`, and -> no Chromium process of the session left;
 - pause: on another running session, `PauseExecution` -> `execution_paused`.
 20 tries each (3 with --short). A control the executor answers with
 `command_rejected` is reported as not measured, with the executor's reason.
@@ -33,7 +33,9 @@ def _tries(bench: Bench) -> int:
 async def _running(stack: ExecutorStack):
     """A session whose first step has started; returns it and the submit latency in ms."""
     watched = await stack.planned_session()
-    sent = await stack.command(watched.session_id, cmd.ExecutePlan(task_id=f"bench-{watched.session_id[:8]}"))
+    sent = await stack.command(
+        watched.session_id, cmd.ExecutePlan(task_id=f"bench-{watched.session_id[:8]}")
+    )
     accepted, event = await watched.wait_for({"execution_started", "command_rejected"}, sent)
     if event.type == "command_rejected":
         raise BenchError(f"execute_plan rejected: {event.data.get('reason')}")
@@ -42,11 +44,11 @@ async def _running(stack: ExecutorStack):
     return watched, (accepted - sent) * 1000
 
 
-async def _gone(stack: ExecutorStack, session_id: str, timeout: float = 30) -> float:
-    deadline = time.monotonic() + timeout
+async def _gone(stack: ExecutorStack, session_id: str, within: float = 30) -> float:
+    deadline = time.monotonic() + within
     while stack.browser_processes(session_id):
         if time.monotonic() > deadline:
-            raise BenchError(f"Chromium of session {session_id} still runs {timeout} s after cancel")
+            raise BenchError(f"Chromium of session {session_id} still runs {within} s after cancel")
         await asyncio.sleep(0.01)
     return time.perf_counter()
 
@@ -61,7 +63,9 @@ async def run_once(bench: Bench, results: Results) -> None:
             if not stack.browser_processes(watched.session_id):
                 raise BenchError("no Chromium process found for a running session")
             sent = await stack.command(watched.session_id, cmd.CancelTask())
-            arrived, event = await watched.wait_for({"execution_cancelled", "command_rejected"}, sent)
+            arrived, event = await watched.wait_for(
+                {"execution_cancelled", "command_rejected"}, sent
+            )
             if event.type == "command_rejected":
                 raise BenchError(f"cancel_task rejected: {event.data.get('reason')}")
             cancelled.append((arrived - sent) * 1000)
@@ -70,7 +74,9 @@ async def run_once(bench: Bench, results: Results) -> None:
             if pause_note is None:
                 watched, _ = await _running(stack)
                 sent = await stack.command(watched.session_id, cmd.PauseExecution())
-                arrived, event = await watched.wait_for({"execution_paused", "command_rejected"}, sent)
+                arrived, event = await watched.wait_for(
+                    {"execution_paused", "command_rejected"}, sent
+                )
                 if event.type == "command_rejected":
                     pause_note = f"the executor rejects pause_execution: {event.data.get('reason')}"
                 else:

@@ -33,15 +33,16 @@ def _levels(bench: Bench) -> list[int]:
 
 
 async def run_level(stack: ExecutorStack, sessions: int) -> tuple[float, int]:
-    """Median step seconds and peak memory (PSS) of the executor's process tree with `sessions` running at once."""
+    """Median step seconds, and peak PSS of the executor's process tree, with `sessions` at once."""
     watched: list[Watched] = [await stack.planned_session() for _ in range(sessions)]
     peak = stack.tree_memory()
     sent = [
-        await stack.command(w.session_id, cmd.ExecutePlan(task_id=f"bench-{w.session_id[:8]}")) for w in watched
+        await stack.command(w.session_id, cmd.ExecutePlan(task_id=f"bench-{w.session_id[:8]}"))
+        for w in watched
     ]
 
     async def finish(w: Watched, after: float) -> None:
-        _, event = await w.wait_for(ENDS, after, timeout=600)
+        _, event = await w.wait_for(ENDS, after, within=600)
         if event.type == "command_rejected":
             raise BenchError(f"execute_plan rejected: {event.data.get('reason')}")
 
@@ -52,7 +53,9 @@ async def run_level(stack: ExecutorStack, sessions: int) -> tuple[float, int]:
     await runs
     for w in watched:
         closing = await stack.command(w.session_id, cmd.CancelTask())
-        await w.wait_for({"browser_closed", "command_rejected", "execution_cancelled"}, closing, timeout=60)
+        await w.wait_for(
+            {"browser_closed", "command_rejected", "execution_cancelled"}, closing, timeout=60
+        )
     durations = [d for w in watched for d in w.step_durations()]
     if not durations:
         raise BenchError(f"no step ran with {sessions} sessions")
@@ -67,7 +70,12 @@ async def run_once(bench: Bench, results: Results) -> None:
         for sessions in _levels(bench):
             step, peak = await run_level(stack, sessions)
             results.add(NAME, f"median step, {sessions} sessions", "s", step)
-            results.add(NAME, f"memory (PSS) per session, {sessions} sessions", "MiB", (peak - idle) / sessions / 2**20)
+            results.add(
+                NAME,
+                f"memory (PSS) per session, {sessions} sessions",
+                "MiB",
+                (peak - idle) / sessions / 2**20,
+            )
             if single is None:
                 single = step
             elif step > 2 * single:

@@ -7,7 +7,6 @@ the gateway and the projector run as their own processes, as in production.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import subprocess
@@ -31,7 +30,9 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def _wait(check, process: subprocess.Popen[bytes], what: str, log: Path, timeout: float = 60) -> None:
+def _wait(
+    check, process: subprocess.Popen[bytes], what: str, log: Path, timeout: float = 60
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -80,7 +81,7 @@ class Servers:
         self._exit.callback(self.nats.stop)
 
     def fresh_database(self) -> str:
-        """A new empty database with the read-model tables, as `stepwise-projector migrate` makes it."""
+        """A new database with the read-model tables, made by `stepwise-projector migrate`."""
         url = self.postgres.create_database(f"bench_{uuid.uuid4().hex[:10]}")
         result = subprocess.run(
             [_bin("stepwise-projector"), "migrate"],
@@ -106,11 +107,18 @@ class Servers:
         env.update(extra)
         return env
 
-    def start_process(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def start_process(
+        self, name: str, args: list[str], env: dict[str, str]
+    ) -> subprocess.Popen[bytes]:
         log = self.workdir / f"{name}-{uuid.uuid4().hex[:6]}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
-                args, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+                args,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
             )
         process.log_path = log  # type: ignore[attr-defined]
         return process
@@ -119,7 +127,9 @@ class Servers:
         return Gateway(self, database_url, extra)
 
     def projector(self, database_url: str) -> subprocess.Popen[bytes]:
-        return self.start_process("projector", [_bin("stepwise-projector"), "run"], self.env(database_url))
+        return self.start_process(
+            "projector", [_bin("stepwise-projector"), "run"], self.env(database_url)
+        )
 
 
 class Gateway:
@@ -127,7 +137,9 @@ class Gateway:
 
     def __init__(self, servers: Servers, database_url: str, extra: dict[str, str]) -> None:
         self.port = free_port()
-        env = servers.env(database_url, STEPWISE_HOST="127.0.0.1", STEPWISE_PORT=str(self.port), **extra)
+        env = servers.env(
+            database_url, STEPWISE_HOST="127.0.0.1", STEPWISE_PORT=str(self.port), **extra
+        )
         self.process = servers.start_process("gateway", [_bin("stepwise-gateway")], env)
         log = self.process.log_path  # type: ignore[attr-defined]
         _wait(self._healthy, self.process, "stepwise-gateway", log)
@@ -165,13 +177,19 @@ class Redis:
         self.process = subprocess.Popen(
             [
                 binary,
-                "--bind", "127.0.0.1",
-                "--port", str(self.port),
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(workdir),
-                "--logfile", str(log),
-            ],  # fmt: skip
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+                "--logfile",
+                str(log),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -181,13 +199,3 @@ class Redis:
 
     def stop(self) -> None:
         _stop(self.process)
-
-
-async def wait_until(predicate, timeout: float, what: str, interval: float = 0.01) -> None:
-    """Poll `predicate` until it is true; raise naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(interval)
-    raise BenchError(f"timed out after {timeout} s waiting for {what}")

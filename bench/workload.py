@@ -43,13 +43,20 @@ async def new_session(store: EventStore) -> str:
     return session_id
 
 
-async def paced(rate: float, count: int) -> AsyncIterator[int]:
-    """Yield 0..count-1 at `rate` per second on an absolute schedule; a late sender catches up."""
+async def paced(rate: float | None, count: int, within: float | None = None) -> AsyncIterator[int]:
+    """Yield 0..count-1 at `rate` per second (None: flat out) on an absolute schedule.
+
+    A sender that falls behind catches up without sleeping. With `within`, it stops
+    after that many seconds even if it sent fewer than `count`: a path that cannot
+    keep the rate sends what it can, and its achieved rate shows that.
+    """
     start = time.perf_counter()
     for i in range(count):
-        delay = start + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        now = time.perf_counter()
+        if within is not None and now - start >= within:
+            return
+        if rate is not None and start + i / rate > now:
+            await asyncio.sleep(start + i / rate - now)
         yield i
 
 

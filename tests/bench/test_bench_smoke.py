@@ -17,8 +17,19 @@ NUMBER = r"-?[\d,]+(?:\.\d+)?"
 def test_short_run_prints_the_table_and_writes_the_results(tmp_path: Path) -> None:
     output = tmp_path / "RESULTS.md"
     run = subprocess.run(
-        [sys.executable, "-m", "bench", "--short", "--only", "2", "--runs", "1", "--no-redis",
-         "--output", str(output)],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--short",
+            "--only",
+            "2",
+            "--runs",
+            "1",
+            "--no-redis",
+            "--output",
+            str(output),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -26,19 +37,28 @@ def test_short_run_prints_the_table_and_writes_the_results(tmp_path: Path) -> No
         check=False,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    for figure in ("stepwise append, 1 session", "stepwise append, 100 sessions", "raw pipelined js.publish"):
+    for figure in (
+        "stepwise append, 1 session",
+        "stepwise append, 100 sessions",
+        "raw pipelined js.publish",
+    ):
         row = re.search(
-            rf"^\| 2 append \| {re.escape(figure)} \| ev/s \| ({NUMBER}) \| ({NUMBER}) \| ({NUMBER}) \| 1 \|$",
+            rf"^\| 2 append \| {re.escape(figure)} \| ev/s "
+            rf"\| ({NUMBER}) \| ({NUMBER}) \| ({NUMBER}) \| 1 \|$",
             run.stdout,
             re.MULTILINE,
         )
         assert row is not None, f"no row with numbers for {figure!r} in:\n{run.stdout[-3000:]}"
         assert float(row.group(2).replace(",", "")) > 0
-    verdict = re.search(r"^\| append \(100 sessions\) vs raw pipelined publish \| >= 0\.5x \| "
-                        rf"{NUMBER}x \| (met|MISSED) \|$", run.stdout, re.MULTILINE)  # fmt: skip
+    verdict = re.search(
+        r"^\| append \(100 sessions\) vs raw pipelined publish \| >= 0\.5x \| "
+        rf"{NUMBER}x \| (met|MISSED) \|$",
+        run.stdout,
+        re.MULTILINE,
+    )
     assert verdict is not None, run.stdout[-3000:]
     written = output.read_text()
-    assert "## Machine" in written and "nproc" in written and "load average" in written
+    assert "## Machine" in written and "nproc" in written and "load avg" in written
     assert "| 2 append | stepwise append, 1 session |" in written
 
 
