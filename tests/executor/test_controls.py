@@ -8,19 +8,18 @@ import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import psutil
 import pytest
 from nats.aio.client import Client as NATS
-
-from stepwise.embedded import EmbeddedNats
-from stepwise.sample_site import SampleSite
 from stepwise_libs import commands as cmd
 from stepwise_libs import subjects
 from stepwise_libs.events import Event
 from stepwise_libs.fold import fold
 from stepwise_libs.jetstream import EventStore, publish_command
+
+from stepwise.embedded import EmbeddedNats
+from stepwise.sample_site import SampleSite
 
 from .conftest import create_planned_session
 from .test_service import EXECUTOR, ExecutorProcess, wait_for_event

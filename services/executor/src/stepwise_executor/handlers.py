@@ -87,7 +87,30 @@ class ExecutorService:
             asyncio.create_task(self._heartbeat(), name="lease-heartbeat"),
             asyncio.create_task(self._watch_leases(), name="lease-watch"),
             asyncio.create_task(self._check_expired_leases(), name="lease-expiry"),
+            asyncio.create_task(self._watch_control(), name="control-watch"),
         ]
+
+    async def _watch_control(self) -> None:
+        """Apply pause and stop-all flags written to the control bucket to the sessions this executor owns."""
+        while True:
+            try:
+                control = await self.js.key_value(subjects.CONTROL_BUCKET)
+                watcher = await control.watchall()
+                async for entry in watcher:
+                    if entry is None or entry.operation in (KV_DEL, KV_PURGE):
+                        continue
+                    live = self.sessions.get(entry.key)
+                    if (
+                        live is not None
+                        and live.busy
+                        and entry.value in (PAUSE_FLAG, STOP_ALL_FLAG)
+                    ):
+                        live.request_pause(entry.value, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - re-watch after a connection loss
+                logger.warning("watching control flags failed: %s", error)
+                await asyncio.sleep(1.0)
 
     # --- entry points -----------------------------------------------------------------
 
@@ -316,13 +339,15 @@ class ExecutorService:
         elif isinstance(body, cmd.Act):
             self._live(state).start_act(body.task_id, cid, body.task, body.previous_context)
         elif isinstance(body, cmd.PauseExecution):
-            await set_control_flag(self.js, state.session_id, PAUSE_FLAG)
+            # The in-memory request comes first so the event carries this command's id; the
+            # flag in the control bucket reaches the owner's watch and survives a lost message.
             self.sessions[state.session_id].request_pause(PAUSE_FLAG, cid)
+            await set_control_flag(self.js, state.session_id, PAUSE_FLAG)
         elif isinstance(body, cmd.StopAll):
             live = self.sessions.get(state.session_id)
             if live is not None and live.busy:
-                await set_control_flag(self.js, state.session_id, STOP_ALL_FLAG)
                 live.request_pause(STOP_ALL_FLAG, cid)
+                await set_control_flag(self.js, state.session_id, STOP_ALL_FLAG)
             else:
                 await self._live(state).stop_all(cid)
         elif isinstance(body, cmd.CancelTask):
@@ -386,7 +411,7 @@ class ExecutorService:
                     for session_id in self.owned_sessions():
                         try:
                             await leases.put(session_id, self.executor_id.encode())
-                        except Exception as error:  # noqa: BLE001 - retried at the next beat
+                        except Exception as error:
                             logger.warning(
                                 "lease renewal failed: %s", error, extra={"session_id": session_id}
                             )

@@ -90,9 +90,22 @@ def resolve_url(target: str, base_url: str) -> str:
         return target
     if target.startswith("/") or not base_url:
         return urljoin(base_url, target) if base_url else target
-    if "." in target.split("/", 1)[0] and not target.startswith("."):
+    if _looks_like_host(target.split("/", 1)[0]):
         return f"https://{target}"
     return urljoin(base_url, target)
+
+
+_FILE_EXTENSIONS = frozenset(
+    {"html", "htm", "php", "asp", "aspx", "jsp", "cgi", "txt", "json", "xml", "pdf"}
+)
+
+
+def _looks_like_host(segment: str) -> bool:
+    """Tell `example.org` (a host) from `cart.html` (a page relative to the target URL)."""
+    if segment.startswith(".") or "." not in segment:
+        return False
+    suffix = segment.rsplit(".", 1)[1].split(":", 1)[0].lower()
+    return suffix.isalpha() and suffix not in _FILE_EXTENSIONS
 
 
 def _fold(value: str) -> str:

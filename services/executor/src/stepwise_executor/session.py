@@ -208,7 +208,12 @@ class LiveSession:
     # --- pause, stop-all and cancel -------------------------------------------------
 
     def request_pause(self, flag: bytes, command_id: str | None) -> None:
-        if self.pause_request is None or flag == STOP_ALL_FLAG:
+        """Ask the running task to pause before its next step; stop-all outranks a plain pause."""
+        current = self.pause_request
+        if current is None or (flag == STOP_ALL_FLAG and current[0] != STOP_ALL_FLAG):
+            self.pause_request = (flag, command_id)
+        elif current[0] == flag and current[1] is None and command_id is not None:
+            # The control-bucket watch saw the flag first; the command's id belongs on the event.
             self.pause_request = (flag, command_id)
 
     async def _read_control_flag(self) -> bytes | None:
