@@ -135,7 +135,7 @@ async def raw_path(bench: Bench, rate: float, seconds: float) -> list[float]:
 
 
 async def baseline_path(
-    bench: Bench, rate: float | None, seconds: float
+    bench: Bench, endpoint: BaselineEndpoint, rate: float | None, seconds: float
 ) -> tuple[list[float], float]:
     """Postgres INSERT + COMMIT, Redis PUBLISH -> the forwarding WebSocket endpoint."""
     assert bench.redis is not None
