@@ -18,10 +18,10 @@ from collections.abc import Iterator
 
 import asyncpg
 from sqlalchemy.engine import make_url
+from stepwise_libs.readmodel import PROJECTION_CHANNEL
 
 logger = logging.getLogger(__name__)
 
-CHANNEL = "stepwise_projection"
 # Seconds between attempts to open the listening connection after one failed.
 RECONNECT_INTERVAL = 5.0
 
@@ -56,7 +56,7 @@ class ProjectionNotifier:
             self._last_attempt = time.monotonic()
             try:
                 connection = await asyncpg.connect(self._dsn, timeout=5)
-                await connection.add_listener(CHANNEL, self._on_notification)
+                await connection.add_listener(PROJECTION_CHANNEL, self._on_notification)
             except (TimeoutError, OSError, asyncpg.PostgresError) as error:
                 logger.warning("cannot listen for projector notifications: %s", error)
                 return False
