@@ -6,6 +6,8 @@ NATS server do not see each other's events.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,10 +27,14 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNa
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres")).start()
+def postgres_server() -> Iterator[EmbeddedPostgres]:
+    # Not under pytest's basetemp: pytest makes that folder private to root, and as
+    # root the server runs as its own user, which must be able to reach its data.
+    data_dir = Path(tempfile.mkdtemp(prefix="stepwise-test-postgres-"))
+    server = EmbeddedPostgres(data_dir).start()
     yield server
     server.stop()
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture
