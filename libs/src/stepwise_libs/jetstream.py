@@ -46,14 +46,29 @@ class AppendConflictError(RuntimeError):
 async def connect(url: str, name: str) -> NATS:
     """Connect to NATS, reconnecting for ever after the first connection succeeds."""
 
+    # While the server is away the client retries every 0.5 s; log the first error of an
+    # outage and then one line every 30 s, with the number of errors in between.
+    outage = {"errors": 0, "logged_at": 0.0}
+
     async def on_error(error: Exception) -> None:
-        logger.warning("nats connection error: %s", error, extra={"client": name})
+        outage["errors"] += 1
+        now = time.monotonic()
+        if outage["errors"] == 1 or now - outage["logged_at"] >= 30.0:
+            outage["logged_at"] = now
+            logger.warning(
+                "nats connection error: %s",
+                error,
+                extra={"client": name, "errors_in_outage": outage["errors"]},
+            )
 
     async def on_disconnected() -> None:
         logger.warning("nats disconnected", extra={"client": name})
 
     async def on_reconnected() -> None:
-        logger.info("nats reconnected", extra={"client": name})
+        logger.info(
+            "nats reconnected", extra={"client": name, "errors_in_outage": outage["errors"]}
+        )
+        outage["errors"] = 0
 
     return await nats.connect(
         servers=[url],

@@ -7,6 +7,8 @@ import sys
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and is context.
 _STANDARD_ATTRIBUTES = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# uvicorn adds a copy of the message with terminal colour codes; it is not context.
+_IGNORED_ATTRIBUTES = _STANDARD_ATTRIBUTES | {"color_message"}
 
 
 class ContextFormatter(logging.Formatter):
@@ -15,7 +17,7 @@ class ContextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         context = {
-            key: value for key, value in vars(record).items() if key not in _STANDARD_ATTRIBUTES
+            key: value for key, value in vars(record).items() if key not in _IGNORED_ATTRIBUTES
         }
         if context:
             line += " " + " ".join(f"{key}={value}" for key, value in context.items())
