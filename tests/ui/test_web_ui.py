@@ -135,8 +135,8 @@ def test_form_creates_a_session_and_shows_plan_and_steps_live(
     page.get_by_role("link", name="← All sessions").click()
     row = page.locator(f'#session-rows tr[data-session-id="{session_id}"]')
     expect(row).to_have_attribute("data-status", "completed", timeout=STEP_TIMEOUT_MS)
-    expect(row.locator("td.passed")).to_have_text(str(CHECKOUT_STEPS))
-    expect(row.locator("td.failed")).to_have_text("0")
+    expect(row.locator("td.passed-count")).to_have_text(str(CHECKOUT_STEPS))
+    expect(row.locator("td.failed-count")).to_have_text("0")
     expect(page.locator("#session-rows tr").first).to_have_attribute("data-session-id", session_id)
     page.screenshot(path=artifacts / "06-session-list.png", full_page=True)
 
@@ -279,6 +279,10 @@ def test_replay_rebuilds_an_earlier_view_and_live_returns_to_the_tail(
     wait_status(page, "plan_ready")
     control(page, "Run till end").click()
     wait_status(page, "completed", timeout=RUN_TIMEOUT_MS)
+    # The executor closes the browser after the run: that is the session's last event.
+    expect(page.locator("#event-log > li[data-type=browser_closed]")).to_have_count(
+        1, timeout=STEP_TIMEOUT_MS
+    )
     events = assert_log_matches_stream(page, api, session_id)
     plan_ready_seq = next(e["seq"] for e in events if e["type"] == "plan_completed")
     step3_done_seq = next(
@@ -300,7 +304,8 @@ def test_replay_rebuilds_an_earlier_view_and_live_returns_to_the_tail(
         "items => items.map(i => i.dataset.status)"
     ) == (["passed"] * 3 + ["pending"] * (CHECKOUT_STEPS - 3))
     assert re.search(rf"\?at={step3_done_seq}$", page.url)
-    total = int(page.locator("#app").get_attribute("data-last-seq") or 0)
+    total = events[-1]["seq"]
+    expect(page.locator("#app")).to_have_attribute("data-last-seq", str(total))
     expect(page.locator("#event-log > li.future")).to_have_count(total - step3_done_seq)
     page.screenshot(path=artifacts / "10-replay.png", full_page=True)
 
@@ -309,3 +314,81 @@ def test_replay_rebuilds_an_earlier_view_and_live_returns_to_the_tail(
     expect(page.locator("#app")).to_have_attribute("data-view-seq", str(total))
     expect(page.locator("#event-log > li.future")).to_have_count(0)
     assert "at=" not in page.url
+
+
+def test_run_till_end_blocks_on_a_failed_step_then_retry_and_skip(
+    page: Page, api: httpx.Client, e2e_site: SampleSite, artifacts: Path
+) -> None:
+    session_id = create_session(api, e2e_site, "failing")
+    page.goto(f"/sessions/{session_id}")
+    wait_status(page, "plan_ready")
+    failing_step = page.locator("#steps > li").count()
+    control(page, "Run till end").click()
+
+    # The failed check blocks the run: only retry, skip, act, stop and cancel fit.
+    wait_status(page, "paused", timeout=RUN_TIMEOUT_MS)
+    blocked = step(page, failing_step)
+    expect(blocked).to_have_class(re.compile("step-blocked"))
+    expect(blocked.locator(".step-error")).to_contain_text("Free shipping on every order")
+    expect(control(page, "Retry step")).to_be_enabled()
+    expect(control(page, "Skip step")).to_be_enabled()
+    expect(control(page, "Continue")).to_be_disabled()
+    expect(control(page, "Run till end")).to_be_disabled()
+    page.screenshot(path=artifacts / "11-blocked-on-failed-step.png", full_page=True)
+
+    # Retry runs the step again, which fails again and blocks again.
+    control(page, "Retry step").click()
+    expect(blocked.locator(".step-meta")).to_contain_text("attempt 2", timeout=STEP_TIMEOUT_MS)
+    wait_status(page, "paused")
+    expect(control(page, "Skip step")).to_be_enabled()
+
+    control(page, "Skip step").click()
+    expect(blocked).to_have_attribute("data-status", "skipped", timeout=STEP_TIMEOUT_MS)
+    wait_status(page, "completed", "failed")
+    expect(page.locator("#event-log > li[data-type=run_till_end_completed]")).to_have_count(1)
+    expect(control(page, "Retry step")).to_be_disabled()
+    assert_log_matches_stream(page, api, session_id)
+
+
+def test_continue_plan_appends_steps_and_continue_runs_them(
+    page: Page, api: httpx.Client, e2e_site: SampleSite
+) -> None:
+    session_id = create_session(api, e2e_site, "failing")
+    page.goto(f"/sessions/{session_id}")
+    wait_status(page, "plan_ready")
+    planned = page.locator("#steps > li").count()
+
+    page.get_by_label("Continue the plan").fill('1. Click "Login"')
+    page.get_by_role("button", name="Continue plan").click()
+    expect(page.locator("#steps > li")).to_have_count(planned + 1, timeout=STEP_TIMEOUT_MS)
+    expect(step(page, planned + 1)).to_contain_text('Click "Login"')
+    expect(page.locator("#event-log > li[data-type=plan_started]")).to_have_count(2)
+    wait_status(page, "plan_ready")
+    expect(control(page, "Start")).to_be_enabled()
+
+
+def test_assets_are_served_by_the_gateway_only(api: httpx.Client) -> None:
+    home = api.get("/")
+    assert home.status_code == 200
+    assert home.headers["content-type"].startswith("text/html")
+    assert api.get("/sessions/not-yet-a-session").status_code == 200
+
+    # Every module and stylesheet the pages load comes from the gateway, with no external URL.
+    static = Path(__file__).resolve().parents[2] / "services/gateway/src/stepwise_gateway/static"
+    names = sorted(path.name for path in static.iterdir())
+    for name in names:
+        response = api.get(f"/ui/{name}")
+        assert response.status_code == 200, name
+        assert not re.search(
+            r"(?:src|href|from|import|url)\s*\(?[=:]?\s*['\"]?https?://", response.text
+        ), name
+    imported = set()
+    for name in names:
+        imported |= set(re.findall(r"from \"\./([\w.-]+)\"", (static / name).read_text()))
+    assert imported <= set(names)
+    assert api.get("/ui/app.js").headers["content-type"].startswith("text/javascript")
+
+    missing = api.get("/ui/..%2Fapp.py")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] in ("asset_not_found", "not_found")
+    assert api.get("/ui/config.json").json()["models"][0] == "offline"

@@ -42,7 +42,15 @@ export class EventFeed {
 
   async start() {
     this.setConnection("connecting", "Loading the session's events…");
-    await this.serialized(() => this.fetchAfter(this.lastSeq));
+    try {
+      await this.fetchAfter(this.lastSeq);
+    } catch (error) {
+      if (error.status === 404) {
+        this.setConnection("closed", `No session with id ${this.sessionId}: check the link, or create a session.`);
+        return;
+      }
+      // The socket below sends every event after the last one held, so a failed read loses nothing.
+    }
     this.connect();
   }
 
@@ -103,7 +111,13 @@ export class EventFeed {
     }
     if (event.seq > this.lastSeq + 1) {
       this.stats.gapsFilled += 1;
-      await this.fetchAfter(this.lastSeq, event.seq - 1);
+      try {
+        await this.fetchAfter(this.lastSeq, event.seq - 1);
+      } catch (error) {
+        // Reconnecting resumes after the last event held, which refills the gap.
+        if (this.socket) this.socket.close(4000, "gap read failed");
+        throw error;
+      }
     }
     const fresh = this.accept([event]);
     if (fresh.length) this.onEvents(fresh);

@@ -140,10 +140,13 @@ export function sessionPage(root, sessionId, { viewer }) {
   // --- events -------------------------------------------------------------------
   const feed = new EventFeed(sessionId, {
     onEvents(fresh) {
+      // The log follows new events unless the reader has scrolled up.
+      const following = log.scrollTop + log.clientHeight >= log.scrollHeight - 24;
       for (const event of fresh) {
         apply(live, event);
         log.append(logItem(event));
       }
+      if (following && replayAt === null) log.scrollTop = log.scrollHeight;
       schedule();
     },
     onConnection(state, message) {
@@ -172,6 +175,8 @@ export function sessionPage(root, sessionId, { viewer }) {
     else url.searchParams.set("at", String(replayAt));
     history.replaceState(history.state, "", url);
     schedule();
+    const item = log.children[viewSeq() - 1];
+    if (item) item.scrollIntoView({ block: "nearest" });
   }
 
   // --- rendering ------------------------------------------------------------------
