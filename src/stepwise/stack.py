@@ -176,6 +176,7 @@ class Stack:
         self.services: dict[str, Service] = {}
         self._lock: TextIO | None = None
         self._stopping = False
+        self.ready = False
         self._state_lock = threading.Lock()
 
     @property
@@ -204,8 +205,12 @@ class Stack:
             self._migrate()
             for name in SERVICES:
                 self._start_service(name)
+            # Written before the wait, so that a later supervisor can clean up after
+            # this one if it dies while starting; `ready` turns true once all is ready.
             self._write_state()
             self._wait_ready(cancel or threading.Event())
+            self.ready = True
+            self._write_state()
         except EmbeddedServerError as error:
             self.stop()
             raise StackError(str(error)) from error
@@ -484,6 +489,7 @@ class Stack:
     def _write_state(self) -> None:
         state: dict[str, Any] = {
             "gateway_url": self.gateway_url,
+            "ready": self.ready,
             "home": str(self.home),
             "supervisor_pid": os.getpid(),
             "nats_url": self.nats_url,
@@ -521,7 +527,9 @@ def read_state(home: Path) -> dict[str, Any] | None:
 def running_gateway(home: Path, timeout: float = 2.0) -> str | None:
     """Return the gateway URL of a stack running on `home`, if its /readyz returns 200."""
     state = read_state(home)
-    if state is None or not processes.alive(int(state.get("supervisor_pid") or 0)):
+    if state is None or not state.get("ready"):
+        return None
+    if not processes.alive(int(state.get("supervisor_pid") or 0)):
         return None
     url = state.get("gateway_url")
     if not isinstance(url, str):

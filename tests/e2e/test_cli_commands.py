@@ -97,13 +97,13 @@ def test_run_exits_two_when_gateway_rejects_input(
 
 
 def _wait_for_stack(process: subprocess.Popen[str], home: Path, seconds: float) -> dict:
-    """Wait until `stepwise up` has written stack.json and its gateway answers /readyz."""
+    """Wait until `stepwise up` has marked stack.json ready and its gateway passes /readyz."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         assert process.poll() is None, f"stepwise up exited with {process.returncode}"
         state_path = home / "stack.json"
-        if state_path.exists():
-            state = json.loads(state_path.read_text())
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        if state.get("ready"):
             try:
                 if httpx.get(f"{state['gateway_url']}/readyz", timeout=2).status_code == 200:
                     return state

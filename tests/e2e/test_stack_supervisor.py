@@ -30,6 +30,7 @@ def test_stack_state_file_names_gateway_and_pids(stack: Stack) -> None:
 
     assert state is not None
     assert state["gateway_url"] == stack.gateway_url
+    assert state["ready"] is True
     assert state["services"] == {name: s.pid for name, s in stack.services.items()}
     assert running_gateway(stack.home) == stack.gateway_url
 
