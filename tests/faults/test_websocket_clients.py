@@ -41,10 +41,17 @@ PING_TIMEOUT = 2.0
 CLOSE_TIMEOUT = 10.0
 
 
-@pytest.fixture(scope="module")
-def ws_stack() -> Iterator[Stack]:
+@pytest.fixture
+def buffer_stack() -> Iterator[Stack]:
+    # Default pings (every 20 s): a client that does not read must hit the buffer limit first.
+    env = {"STEPWISE_CLIENT_BUFFER": str(CLIENT_BUFFER)}
+    with fault_stack(env, names=WITHOUT_EXECUTOR) as stack:
+        yield stack
+
+
+@pytest.fixture
+def ping_stack() -> Iterator[Stack]:
     env = {
-        "STEPWISE_CLIENT_BUFFER": str(CLIENT_BUFFER),
         "STEPWISE_WS_PING_INTERVAL": str(PING_INTERVAL),
         "STEPWISE_WS_PING_TIMEOUT": str(PING_TIMEOUT),
     }
@@ -74,8 +81,8 @@ async def _read_all(socket_: Any, count: int, seconds: float) -> list[dict[str, 
     return received
 
 
-async def test_client_that_never_reads_is_closed_and_resumes(ws_stack: Stack) -> None:
-    stack = ws_stack
+async def test_client_that_never_reads_is_closed_and_resumes(buffer_stack: Stack) -> None:
+    stack = buffer_stack
     session_id = await _planned_session(stack)
     client = await connect(stack.nats_url, "tests-faults")
     store = EventStore(client.jetstream())
@@ -189,8 +196,8 @@ async def _events_consumers(stack: Stack) -> int:
         await client.close()
 
 
-async def test_two_hundred_vanished_clients_are_freed(ws_stack: Stack) -> None:
-    stack = ws_stack
+async def test_two_hundred_vanished_clients_are_freed(ping_stack: Stack) -> None:
+    stack = ping_stack
     session_id = await _planned_session(stack)
     pid = gateway_pid(stack)
     sockets_before = open_sockets(pid)
