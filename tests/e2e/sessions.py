@@ -43,7 +43,7 @@ async def receive_until(
         while True:
             message = json.loads(await socket.recv())
             if "seq" not in message:
-                continue  # an answer to a socket command, not an event
+                continue  # a reply to a socket command, not an event
             received.append(message)
             if message["type"] in done:
                 return received

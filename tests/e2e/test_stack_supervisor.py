@@ -55,7 +55,7 @@ async def test_supervisor_restarts_killed_service(stack: Stack, e2e_site: Sample
         os.kill(old_pid, signal.SIGKILL)
         planner.process.wait(10)  # type: ignore[union-attr]
 
-        # Drive the supervisor's periodic check until the new planner says it is ready.
+        # Drive the supervisor's periodic check until the new planner logs that it is ready.
         deadline = time.monotonic() + 90
         while not (planner.running() and READY_LINE in planner.log_since_start()):
             assert time.monotonic() < deadline, f"planner not restarted; reports: {reports}"
