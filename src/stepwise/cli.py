@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from stepwise.gateway_client import GatewayClient
+from stepwise.gateway_client import GatewayClient, token_from_env
 from stepwise.runner import EXIT_FAILED, EXIT_PASSED, EXIT_USAGE, RunOutcome, SessionRun
 from stepwise.sample_site import sample_test_case, serve_sample_site
 from stepwise.stack import Stack, StackConfig, StackError, default_home, running_gateway
@@ -161,9 +161,14 @@ def _read_test_case(text: str | None, file: Path | None) -> str:
 
 
 def _run_against(
-    gateway_url: str, test_case: str, target_url: str, model: str | None, timeout: float
+    gateway_url: str,
+    test_case: str,
+    target_url: str,
+    model: str | None,
+    timeout: float,
+    token: str | None = None,
 ) -> RunOutcome:
-    with GatewayClient(gateway_url) as client:
+    with GatewayClient(gateway_url, token=token or token_from_env()) as client:
         return SessionRun(client, console, timeout, error_console).run(test_case, target_url, model)
 
 
@@ -228,6 +233,16 @@ def run(
     ] = None,
     model: ModelOption = None,
     timeout: TimeoutOption = 1800.0,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="STEPWISE_API_TOKEN",
+            help="API token for a gateway started with STEPWISE_API_TOKENS. "
+            "Default: the first token of STEPWISE_API_TOKENS, if set.",
+            show_default=False,
+        ),
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log the supervisor's steps.")
     ] = False,
@@ -254,7 +269,7 @@ def run(
 
     gateway_url = gateway or running_gateway(default_home())
     if gateway_url is not None:
-        outcome = _run_against(gateway_url, text, target_url, model, timeout)
+        outcome = _run_against(gateway_url, text, target_url, model, timeout, token)
         raise typer.Exit(outcome.exit_code)
 
     # No stack runs: start one on a free port for this run and stop it afterwards.
@@ -262,7 +277,7 @@ def run(
         stack: Stack | None = None
         try:
             stack = _start_stack(StackConfig.from_env(port=0))
-            outcome = _run_against(stack.gateway_url, text, target_url, model, timeout)
+            outcome = _run_against(stack.gateway_url, text, target_url, model, timeout, token)
         except StackError as error:
             error_console.print(f"[red]error:[/red] {escape(str(error))}")
             raise typer.Exit(EXIT_FAILED) from None

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -11,8 +12,23 @@ import httpx
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-# WebSocket close codes after which reconnecting cannot help: unknown session, invalid since.
-FINAL_CLOSE_CODES = frozenset({4404, 4422})
+# WebSocket close codes after which reconnecting cannot help: missing or wrong token,
+# unknown session, invalid since.
+FINAL_CLOSE_CODES = frozenset({4401, 4403, 4404, 4422})
+
+
+def token_from_env(environ: Mapping[str, str] = os.environ) -> str | None:
+    """Return the API token for the gateway: `STEPWISE_API_TOKEN`, else the first entry of
+    `STEPWISE_API_TOKENS` (the gateway's list of `token` or `name:token` entries), else None.
+    """
+    token = environ.get("STEPWISE_API_TOKEN", "").strip()
+    if token:
+        return token
+    first = environ.get("STEPWISE_API_TOKENS", "").split(",")[0].strip()
+    if not first:
+        return None
+    _, separator, value = first.partition(":")
+    return value.strip() if separator else first
 
 
 class GatewayError(RuntimeError):
@@ -51,6 +67,8 @@ def _error_from(response: httpx.Response, action: str) -> GatewayError:
             field = error.get("field")
         elif "detail" in body:
             message = json.dumps(body["detail"])
+    if response.status_code == 401:
+        message += "; set STEPWISE_API_TOKEN or pass --token with one of the gateway's API tokens"
     return GatewayError(
         f"{action} failed with HTTP {response.status_code}: {message}",
         status=response.status_code,
@@ -62,9 +80,10 @@ def _error_from(response: httpx.Response, action: str) -> GatewayError:
 class GatewayClient:
     """Calls to one gateway, by its base URL such as `http://127.0.0.1:8000`."""
 
-    def __init__(self, base_url: str, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, timeout: float = 30.0, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=self.headers)
 
     def close(self) -> None:
         self.http.close()
@@ -127,7 +146,11 @@ class GatewayClient:
         reconnects with the last seq it saw.
         """
         try:
-            socket = ws_connect(self.websocket_url(session_id, since), open_timeout=15)
+            socket = ws_connect(
+                self.websocket_url(session_id, since),
+                open_timeout=15,
+                additional_headers=self.headers,
+            )
         except InvalidStatus as error:
             status = error.response.status_code
             raise GatewayError(

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from stepwise.cli import app
 from stepwise.embedded import free_port
+from stepwise.gateway_client import token_from_env
 
 
 @pytest.fixture
@@ -110,3 +111,17 @@ def test_console_script_exits_two_with_message(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
     assert "invalid --url 'not a url'" in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, None),
+        ({"STEPWISE_API_TOKENS": ""}, None),
+        ({"STEPWISE_API_TOKENS": "a" * 32}, "a" * 32),
+        ({"STEPWISE_API_TOKENS": f"ci:{'b' * 32}, ui:{'c' * 32}"}, "b" * 32),
+        ({"STEPWISE_API_TOKENS": f"ci:{'b' * 32}", "STEPWISE_API_TOKEN": "d" * 32}, "d" * 32),
+    ],
+)
+def test_token_from_env(environ: dict[str, str], expected: str | None) -> None:
+    assert token_from_env(environ) == expected
