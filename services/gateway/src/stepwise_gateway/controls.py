@@ -26,6 +26,7 @@ from stepwise_libs.fold import SessionState, fold
 from stepwise_libs.jetstream import EventStore, publish_command
 
 from .errors import CommandConflict, SessionNotFound
+from .metrics import COMMANDS_PUBLISHED
 from .runtime import nats_errors
 
 logger = logging.getLogger(__name__)
@@ -402,6 +403,7 @@ async def submit(
     )
     with nats_errors(f"queueing {control.command_type}"):
         ack = await publish_command(js, subject, command)
+        COMMANDS_PUBLISHED.labels(control.command_type).inc()
         if control.flag is not None:
             await put_control_flag(js, session_id, control.flag, command_id)
         elif control.name in RESUMING_CONTROLS:

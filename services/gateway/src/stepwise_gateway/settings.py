@@ -15,6 +15,8 @@ from stepwise_libs.settings import (
     gemini_api_key,
 )
 
+from .auth import ApiToken, tokens_from_env
+
 
 def _database_url() -> str:
     raw = os.environ.get("STEPWISE_DATABASE_URL", "")
@@ -50,3 +52,5 @@ class GatewaySettings(CommonSettings):
     # Whether a Gemini API key is configured; Gemini models are accepted only then.
     gemini_configured: bool = field(default_factory=lambda: gemini_api_key() is not None)
     default_model: str = field(default_factory=default_model)
+    # Accepted bearer tokens (STEPWISE_API_TOKENS); none means loopback only, no auth.
+    api_tokens: tuple[ApiToken, ...] = field(default_factory=tokens_from_env)

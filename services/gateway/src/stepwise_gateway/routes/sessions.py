@@ -17,6 +17,7 @@ from stepwise_libs.jetstream import publish_command
 from stepwise_gateway.controls import IDEMPOTENCY_NAMESPACE
 from stepwise_gateway.dependencies import get_runtime, idempotency_key_header, session_id_path
 from stepwise_gateway.errors import InvalidInput, NatsUnavailable, SessionNotFound
+from stepwise_gateway.metrics import COMMANDS_PUBLISHED
 from stepwise_gateway.readmodels import (
     detail_from_rows,
     detail_from_state,
@@ -124,6 +125,7 @@ async def create_session(
     )
     try:
         await publish_command(js, subjects.planner_command_subject("generate_plan"), command)
+        COMMANDS_PUBLISHED.labels("generate_plan").inc()
     except (nats.errors.Error, TimeoutError, OSError) as error:
         # The session exists now, so the error message explains how to get its plan queued.
         logger.warning(

@@ -5,8 +5,9 @@ envelope (with `seq` and `position`), then live ones. It also takes control
 commands, such as `{"command": "pause_execution"}`, and replies to each on the
 same socket. Events carry a `seq` and replies do not.
 
-Close codes: 4404 unknown session, 4422 invalid `since`, 4008 the client fell
-more than STEPWISE_CLIENT_BUFFER messages behind (reconnect with since=<last seq
+Close codes: 4401 missing or invalid API token (see auth.py), 4404 unknown
+session, 4422 invalid `since`, 4008 the client fell more than
+STEPWISE_CLIENT_BUFFER messages behind (reconnect with since=<last seq
 received>), 1013 NATS unavailable. The server pings every
 STEPWISE_WS_PING_INTERVAL seconds and drops a client that sends no pong within
 STEPWISE_WS_PING_TIMEOUT seconds.
@@ -28,6 +29,7 @@ from stepwise_gateway import socket_commands
 from stepwise_gateway.dependencies import get_runtime, runtime_of, session_id_path
 from stepwise_gateway.errors import GatewayError, InvalidInput, SessionNotFound
 from stepwise_gateway.history import read_after_time
+from stepwise_gateway.metrics import EVENTS_SENT, SLOW_CLIENT_CLOSES
 from stepwise_gateway.pump import (
     CLOSE_INVALID,
     CLOSE_NOT_FOUND,
@@ -149,12 +151,14 @@ async def stream_events(
                 if getter in done:
                     event = getter.result()
                     outbox.last_sent_seq = event.seq
+                    EVENTS_SENT.labels("sse").inc()
                     yield b"id: %d\nevent: %s\ndata: %s\n\n" % (
                         event.seq,
                         event.type.encode(),
                         _encoder.encode(event),
                     )
                 elif outbox.overflowed.is_set():
+                    SLOW_CLIENT_CLOSES.labels("sse").inc()
                     note = {"reason": "client too slow", "resume_since": outbox.last_sent_seq}
                     yield b"event: overflow\ndata: %s\n\n" % _encoder.encode(note)
                     return
@@ -206,6 +210,7 @@ async def session_socket(websocket: WebSocket, session_id: str) -> None:
         )
         if overflow in done:
             await cancel_all(sender)
+            SLOW_CLIENT_CLOSES.labels("websocket").inc()
             reason = f"client too slow; reconnect with since={outbox.last_sent_seq}"
             await _close(websocket, session_id, CLOSE_TOO_SLOW, reason)
         elif pump in done and pump.exception() is not None:
@@ -233,6 +238,7 @@ async def _send(websocket: WebSocket, outbox: Outbox) -> None:
         if is_event(item):
             await websocket.send_text(_encoder.encode(item).decode())
             outbox.last_sent_seq = item.seq
+            EVENTS_SENT.labels("websocket").inc()
         else:
             await websocket.send_text(_encoder.encode(item).decode())
 
