@@ -392,3 +392,24 @@ def test_assets_are_served_by_the_gateway_only(api: httpx.Client) -> None:
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] in ("asset_not_found", "not_found")
     assert api.get("/ui/config.json").json()["models"][0] == "offline"
+
+
+def test_narrow_screen_stacks_the_columns(
+    page: Page, api: httpx.Client, e2e_site: SampleSite, artifacts: Path
+) -> None:
+    session_id = create_session(api, e2e_site, "failing")
+    page.set_viewport_size({"width": 400, "height": 860})
+    page.goto(f"/sessions/{session_id}")
+    wait_status(page, "plan_ready")
+
+    main = page.locator(".session-main").bounding_box()
+    side = page.locator(".session-side").bounding_box()
+    assert main is not None
+    assert side is not None
+    assert side["y"] >= main["y"] + main["height"]
+    assert page.evaluate("document.documentElement.scrollWidth") <= 400
+    page.screenshot(path=artifacts / "12-narrow-session.png", full_page=True)
+
+    page.goto("/")
+    expect(page.get_by_role("heading", name="Sessions")).to_be_visible()
+    page.screenshot(path=artifacts / "13-narrow-home.png", full_page=True)
