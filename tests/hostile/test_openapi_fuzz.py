@@ -13,12 +13,13 @@ import json
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.generation.case import Case
 
 from stepwise.stack import Stack
 
-MAX_EXAMPLES = 10
+MAX_EXAMPLES = 6
 
 
 def _check(case: Case, base_url: str) -> None:
@@ -61,6 +62,8 @@ def test_gateway_api_never_5xx_and_4xx_names_field(hostile_stack: Stack) -> None
 
             try:
                 check()
+            except Unsatisfiable:
+                continue  # no invalid request exists for an operation without parameters
             except AssertionError as error:
                 raise AssertionError(f"{operation.label} ({mode.value}): {error}") from error
             tried += 1
