@@ -12,6 +12,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 from stepwise_libs import subjects
 from stepwise_libs.consumer import run_command_consumer
+from stepwise_libs.health import health_address, start_health_server
 from stepwise_libs.jetstream import EventStore, connect, ensure_topology
 from stepwise_libs.logs import configure_logging
 from stepwise_libs.settings import SettingsError
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 FILTER_SUBJECT = f"{subjects.PLANNER_COMMANDS}.*"
 
 
-async def run(settings: PlannerSettings) -> None:
+async def run(settings: PlannerSettings, health_at: tuple[str, int] | None = None) -> None:
     """Consume plan commands until SIGTERM or SIGINT, then finish or abandon plans in progress."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -36,6 +37,7 @@ async def run(settings: PlannerSettings) -> None:
         from . import gemini  # noqa: F401
 
     nc = await connect(settings.common.nats_url, "stepwise-planner")
+    health = await start_health_server(nc, health_at)
     try:
         js = nc.jetstream()
         await ensure_topology(js, settings.common.stream_replicas)
@@ -74,6 +76,7 @@ async def run(settings: PlannerSettings) -> None:
     finally:
         # Every ack and append was awaited above, so closing loses nothing. drain() would
         # wait out its 30 s timeout on the consumer's pull subscription.
+        await health.close()
         await nc.close()
     logger.info("service stopped")
 
@@ -105,11 +108,12 @@ async def _ensure_consumer(js: JetStreamContext, ack_wait_seconds: float) -> Non
 def main() -> None:
     try:
         settings = PlannerSettings()
+        health_at = health_address()
     except SettingsError as error:
         sys.stderr.write(f"stepwise-planner: {error}\n")
         raise SystemExit(2) from None
     configure_logging("planner", settings.common.log_level)
-    asyncio.run(run(settings))
+    asyncio.run(run(settings, health_at))
 
 
 if __name__ == "__main__":

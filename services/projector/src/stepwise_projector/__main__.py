@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 
+from stepwise_libs.health import health_address
 from stepwise_libs.logs import configure_logging
 from stepwise_libs.settings import SettingsError
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         settings = ProjectorSettings()
+        health_at = health_address()
     except SettingsError as error:
         sys.stderr.write(f"stepwise-projector: {error}\n")
         raise SystemExit(2) from None
@@ -54,13 +56,13 @@ def main(argv: list[str] | None = None) -> None:
             schema.upgrade(settings.database_url)
             asyncio.run(rebuild(settings))
         else:
-            asyncio.run(_serve(settings))
+            asyncio.run(_serve(settings, health_at))
     except MigrationError as error:
         logger.error("%s", error)
         raise SystemExit(1) from None
 
 
-async def _serve(settings: ProjectorSettings) -> None:
+async def _serve(settings: ProjectorSettings, health_at: tuple[str, int] | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -68,7 +70,7 @@ async def _serve(settings: ProjectorSettings) -> None:
 
     if not await _migrate_when_reachable(settings, stop):
         return
-    await run_projector(settings, stop)
+    await run_projector(settings, stop, health_at)
 
 
 async def _migrate_when_reachable(settings: ProjectorSettings, stop: asyncio.Event) -> bool:

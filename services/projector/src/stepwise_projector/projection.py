@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from stepwise_libs import subjects
 from stepwise_libs.events import Event
 from stepwise_libs.fold import SessionState, apply, fold
+from stepwise_libs.health import start_health_server
 from stepwise_libs.jetstream import EventStore, connect, ensure_topology
 
 from . import database
@@ -334,10 +335,16 @@ async def _unsubscribe(pull: JetStreamContext.PullSubscription) -> None:
         logger.debug("unsubscribe failed", exc_info=True)
 
 
-async def run_projector(settings: ProjectorSettings, stop: asyncio.Event) -> None:
-    """Project the events stream into the read models until `stop` is set."""
+async def run_projector(
+    settings: ProjectorSettings, stop: asyncio.Event, health_at: tuple[str, int] | None = None
+) -> None:
+    """Project the events stream into the read models until `stop` is set.
+
+    With `health_at` (or STEPWISE_HEALTH_PORT) set, `GET /healthz` answers there.
+    """
     engine = database.create_engine(settings.database_url)
     client: NATS = await connect(settings.nats_url, "projector")
+    health = await start_health_server(client, health_at)
     try:
         js = client.jetstream()
         await ensure_topology(js, settings.stream_replicas)
@@ -349,6 +356,7 @@ async def run_projector(settings: ProjectorSettings, stop: asyncio.Event) -> Non
         await _consume(subscription, writer, stop)
         await subscription.close()
     finally:
+        await health.close()
         await client.close()
         await engine.dispose()
     logger.info("projector stopped")
