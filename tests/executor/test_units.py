@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from stepwise_executor.errors import categorize_failure
 from stepwise_executor.models import RETRY_MAX_SECONDS, retry_delay
 from stepwise_executor.offline_model import resolve_url

@@ -29,6 +29,7 @@ BASE_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+START_ATTEMPTS = 3
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
@@ -53,8 +54,24 @@ class SessionBrowser:
         self.pid: int | None = None
 
     async def start(self) -> BrowserSession:
+        """Start Chromium, retrying a failed start because browser-use 0.13.14 can lose the race
+        for the first page target on a loaded machine ("Target ... not found")."""
         if self.session is not None:
             return self.session
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                return await self._start_once()
+            except BrowserStartError as error:
+                if attempt == START_ATTEMPTS:
+                    raise
+                logger.warning(
+                    "browser start failed, retrying: %s",
+                    error.message,
+                    extra={"session_id": self.session_id, "attempt": attempt},
+                )
+        raise AssertionError("unreachable")
+
+    async def _start_once(self) -> BrowserSession:
         self.folder.mkdir(parents=True, exist_ok=True)
         profile = BrowserProfile(
             executable_path=self.chromium,
@@ -90,11 +107,6 @@ class SessionBrowser:
     async def screenshot(self) -> bytes:
         assert self.session is not None
         return await self.session.take_screenshot(format="png")
-
-    async def current_url(self) -> str:
-        if self.session is None:
-            return ""
-        return await self.session.get_current_page_url()
 
     async def close(self, graceful: bool = True) -> None:
         """Close the browser, kill any Chromium process left of it and remove the session folder."""

@@ -108,7 +108,7 @@ class ExecutorService:
                         live.request_pause(entry.value, None)
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # noqa: BLE001 - re-watch after a connection loss
+            except Exception as error:
                 logger.warning("watching control flags failed: %s", error)
                 await asyncio.sleep(1.0)
 

@@ -13,6 +13,7 @@ after its action it returns `done`. No network, no randomness.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -38,9 +39,12 @@ DEFAULT_WAIT_SECONDS = 10.0
 
 _USER_REQUEST = re.compile(r"<user_request>\s*(?P<task>.*?)\s*</user_request>", re.S)
 _HISTORY = re.compile(r"<agent_history>(?P<history>.*?)</agent_history>", re.S)
-# browser-use reports failed actions in the step result without setting ActionResult.error,
-# for example "Element index 999 not available - page may have changed".
-_FAILED_RESULT = re.compile(r"\b(not available|error|failed|could not|cannot|unable to)\b", re.I)
+# browser-use reports some failed actions in the step result without setting ActionResult.error,
+# for example "Element index 999 not available - page may have changed". Matching the start of
+# the result keeps typed text such as "Typed 'error'" from counting as a failure.
+_FAILED_RESULT = re.compile(
+    r"^(?:element index \d+ not available|error\b|failed\b|could not\b|cannot\b|unable to\b)", re.I
+)
 
 _KEY_NAMES = {
     "enter": "Enter",
@@ -233,8 +237,6 @@ class OfflineChatModel(BaseChatModel):
             "action": decision.actions,
         }
         if output_format is None:
-            import json
-
             return ChatInvokeCompletion(completion=json.dumps(output), usage=None)
         return ChatInvokeCompletion(completion=output_format.model_validate(output), usage=None)
 

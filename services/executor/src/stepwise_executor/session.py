@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from nats.js import JetStreamContext
 from stepwise_libs import events as ev
 from stepwise_libs import subjects
-from stepwise_libs.fold import STEP_PASSED, STEP_SKIPPED, STOP_ALL_REASON, SessionState, apply
+from stepwise_libs.fold import STEP_SKIPPED, STOP_ALL_REASON, SessionState, apply
 from stepwise_libs.jetstream import EventStore
 
 from .browser import SessionBrowser
@@ -338,7 +338,3 @@ async def clear_control_flag(js: JetStreamContext, session_id: str) -> None:
 async def set_control_flag(js: JetStreamContext, session_id: str, flag: bytes) -> None:
     control = await js.key_value(subjects.CONTROL_BUCKET)
     await control.put(session_id, flag)
-
-
-def step_done(status: str) -> bool:
-    return status in (STEP_PASSED, STEP_SKIPPED)
