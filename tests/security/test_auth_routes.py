@@ -204,6 +204,16 @@ async def test_ui_token_in_url_becomes_a_cookie(
     assert wrong.status_code == 401
 
 
+async def test_api_docs_token_becomes_a_cookie(anonymous: httpx.AsyncClient) -> None:
+    # Swagger UI at /docs then fetches /openapi.json with the cookie.
+    response = await anonymous.get(f"/docs?token={CI_TOKEN}")
+    assert response.status_code == 303
+    assert response.headers["location"] == "/docs"
+    assert response.headers["set-cookie"].startswith(f"stepwise_token={CI_TOKEN};")
+    spec = await anonymous.get("/openapi.json", headers={"Cookie": f"stepwise_token={CI_TOKEN}"})
+    assert spec.status_code == 200
+
+
 async def test_cookie_from_another_origin_is_refused(
     secured: GatewayServer, anonymous: httpx.AsyncClient, session_id: str
 ) -> None:

@@ -72,11 +72,8 @@ def nats_state(nc: NatsLike) -> str:
 class HealthServer:
     """The running endpoint; `close()` stops it. A server for an unset port does nothing."""
 
-    def __init__(
-        self, server: asyncio.Server | None, check: Callable[[], tuple[bool, dict[str, Any]]]
-    ):
+    def __init__(self, server: asyncio.Server | None) -> None:
         self._server = server
-        self._check = check
 
     @property
     def port(self) -> int | None:
@@ -96,7 +93,7 @@ async def start_health_server(nc: NatsLike, address: tuple[str, int] | None = No
     """Serve `GET /healthz` at `address`, or where the environment says when it is None."""
     address = address or health_address()
     if address is None:
-        return HealthServer(None, lambda: (True, {}))
+        return HealthServer(None)
 
     def check() -> tuple[bool, dict[str, Any]]:
         state = nats_state(nc)
@@ -120,7 +117,7 @@ async def start_health_server(nc: NatsLike, address: tuple[str, int] | None = No
     host, port = address
     server = await asyncio.start_server(handle, host, port, limit=MAX_REQUEST_BYTES)
     logger.info("health endpoint listening", extra={"health_host": host, "health_port": port})
-    return HealthServer(server, check)
+    return HealthServer(server)
 
 
 async def _answer(

@@ -55,8 +55,8 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403
 # Paths anyone may read: the orchestrator's probes.
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-# Path prefixes that are not web UI pages: a `?token=` there is used, not turned into a cookie.
-NOT_PAGES = ("/api/", "/ui/", "/metrics", "/openapi.json", "/docs", "/redoc")
+# Path prefixes that are not HTML pages: a `?token=` there is used, not turned into a cookie.
+NOT_PAGES = ("/api/", "/ui/", "/metrics", "/openapi.json")
 
 
 @dataclass(frozen=True)
