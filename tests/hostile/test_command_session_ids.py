@@ -35,7 +35,7 @@ async def test_command_with_unusable_session_id_is_acked_and_planner_keeps_servi
                 info = await js.consumer_info(subjects.COMMANDS_STREAM, subjects.PLANNER_CONSUMER)
                 return info.num_pending == 0 and info.num_ack_pending == 0
 
-            await eventually(drained, 20, "the planner to acknowledge the command")
+            await eventually(drained, 10, "the planner to acknowledge the command")
         finally:
             await client.close()
         async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as http:
