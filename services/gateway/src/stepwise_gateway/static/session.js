@@ -5,6 +5,8 @@ import { clear, displayTitle, formatDateTime, formatDuration, formatTime, h, sta
 import { EventFeed } from "./feed.js";
 import { allowedControls, apply, counts, currentTask, emptyState, fold } from "./fold.js";
 
+const QUEUED_HOLD_MS = 15000;
+
 // Each control: its socket command, REST path, button label and what it does.
 const CONTROLS = [
   { key: "start", command: "start", path: "start", label: "Start", hint: "Run the plan from step 1" },
@@ -21,6 +23,9 @@ export function sessionPage(root, sessionId, { viewer }) {
   const live = emptyState(sessionId);
   let replayAt = readReplayParam();
   let pending = null;
+  // A queued command keeps its button off until an event caused by it arrives, so a double click
+  // cannot queue it twice. The hold ends after QUEUED_HOLD_MS in case no such event comes.
+  let queued = null;
   let frame = 0;
   const stepNodes = new Map();
   const stepSignatures = new Map();
@@ -145,6 +150,7 @@ export function sessionPage(root, sessionId, { viewer }) {
       for (const event of fresh) {
         apply(live, event);
         log.append(logItem(event));
+        if (queued && event.command_id === queued.commandId) releaseQueued();
       }
       if (following && replayAt === null) log.scrollTop = log.scrollHeight;
       schedule();
@@ -219,9 +225,10 @@ export function sessionPage(root, sessionId, { viewer }) {
 
   function renderControls(replaying) {
     const allowed = allowedControls(live);
-    for (const [key, button] of controlButtons) button.disabled = replaying || pending !== null || !allowed[key];
-    actButton.disabled = actInput.disabled = replaying || pending !== null || !allowed.act;
-    planButton.disabled = planInput.disabled = replaying || pending !== null || !allowed.continue_plan;
+    const off = (key) => replaying || pending !== null || (queued !== null && queued.key === key) || !allowed[key];
+    for (const [key, button] of controlButtons) button.disabled = off(key);
+    actButton.disabled = actInput.disabled = off("act");
+    planButton.disabled = planInput.disabled = off("continue_plan");
     replayNote.hidden = !replaying;
     replayNote.textContent = replaying ? "Controls act on the live session; press Live to use them." : "";
     controls.setAttribute("aria-busy", pending ? "true" : "false");
@@ -384,8 +391,9 @@ export function sessionPage(root, sessionId, { viewer }) {
       if (reply === null) {
         // No socket: the REST form of the same control.
         try {
-          const queued = await api.control(sessionId, control.path, fields);
-          showNotice("ok", `${control.label} queued (task ${queued.task_id.slice(0, 8)}).`);
+          const answer = await api.control(sessionId, control.path, fields);
+          holdQueued(control.key, answer.command_id);
+          showNotice("ok", `${control.label} queued (task ${answer.task_id.slice(0, 8)}).`);
           return true;
         } catch (error) {
           const verb = error.status === 409 ? "rejected" : "failed";
@@ -401,6 +409,7 @@ export function sessionPage(root, sessionId, { viewer }) {
         showNotice("error", `${control.label} failed: ${reply.message}`);
         return false;
       }
+      holdQueued(control.key, reply.command_id);
       showNotice("ok", `${control.label} queued${reply.task_id ? ` (task ${reply.task_id.slice(0, 8)})` : ""}.`);
       return true;
     } catch (error) {
@@ -412,6 +421,19 @@ export function sessionPage(root, sessionId, { viewer }) {
     }
   }
 
+  function holdQueued(key, commandId) {
+    if (!commandId || feed.events.some((event) => event.command_id === commandId)) return;
+    releaseQueued();
+    queued = { key, commandId, timer: setTimeout(releaseQueued, QUEUED_HOLD_MS) };
+  }
+
+  function releaseQueued() {
+    if (!queued) return;
+    clearTimeout(queued.timer);
+    queued = null;
+    schedule();
+  }
+
   function showNotice(kind, text) {
     notice.hidden = false;
     notice.className = `notice notice-${kind}`;
@@ -420,6 +442,7 @@ export function sessionPage(root, sessionId, { viewer }) {
   }
 
   return () => {
+    releaseQueued();
     feed.close();
     if (frame) cancelAnimationFrame(frame);
     if (window.stepwise && window.stepwise.feed === feed) delete window.stepwise;
