@@ -1,8 +1,8 @@
 """Shared tools of the fault tests: a stack of their own, kills, restarts and the final checks.
 
 Each fault test starts its own stack (embedded nats-server and Postgres on free
-loopback ports, the four services as processes) because it breaks that stack;
-no test shares a broken stack with another.
+loopback ports, the services as processes) because it breaks that stack. So no
+test shares a broken stack with another.
 """
 
 from __future__ import annotations
@@ -163,10 +163,10 @@ async def wait_for_stream(
     done: frozenset[str] = PLAN_END,
     seconds: float = 120.0,
 ) -> dict[str, list[Event]]:
-    """Wait until each session's stream holds an event whose type is in `done`.
+    """Wait until each session's stream contains an event whose type is in `done`.
 
-    Reads the stream through a subscription to each session's subject, so it
-    wakes on new events instead of polling.
+    A core NATS subscription to every events subject wakes the wait on each new
+    event, so it reads the sessions again only when something was appended.
     """
     client = await connect(nats_url, "tests-faults")
     try:
@@ -206,7 +206,7 @@ async def wait_for_stream(
 async def assert_consistent(stack: Stack, session_ids: list[str], seconds: float = 120.0) -> None:
     """The end check of every fault test.
 
-    The stream holds each event once (distinct ids, seq dense from 1), the
+    The stream contains each event once (distinct ids, seq dense from 1), the
     projector has caught up with every session, and the read models equal a
     fold of the whole stream.
     """
@@ -228,7 +228,7 @@ async def assert_consistent(stack: Stack, session_ids: list[str], seconds: float
 
 
 def process_rss_kib(pid: int) -> int:
-    """Resident memory of a process, in KiB, from /proc."""
+    """Return the resident memory of a process in KiB, from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
@@ -236,7 +236,7 @@ def process_rss_kib(pid: int) -> int:
 
 
 def open_sockets(pid: int) -> int:
-    """Number of sockets the process holds open, from /proc/<pid>/fd."""
+    """Count the sockets the process has open, from /proc/<pid>/fd."""
     count = 0
     for entry in os.scandir(f"/proc/{pid}/fd"):
         try:
