@@ -12,7 +12,9 @@ const REPLY_TIMEOUT_MS = 15000;
 // Close codes after which reconnecting cannot help.
 const FINAL_CLOSE_CODES = new Map([
   [4404, "the gateway knows no session with this id"],
-  [4422, "the gateway refused the stream request"],
+  [4422, "the gateway rejected the stream request"],
+  [4401, "the gateway needs an API token: open this page once with ?token=<token>"],
+  [4403, "this API token may not read the session"],
 ]);
 
 export class EventFeed {
@@ -47,6 +49,10 @@ export class EventFeed {
     } catch (error) {
       if (error.status === 404) {
         this.setConnection("closed", `No session with id ${this.sessionId}: check the link, or create a session.`);
+        return;
+      }
+      if (error.status === 401 || error.status === 403) {
+        this.setConnection("closed", `Not allowed to read this session: ${error.message}`);
         return;
       }
       // The socket below sends every event after the last one held, so a failed read loses nothing.
