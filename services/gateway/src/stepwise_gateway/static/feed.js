@@ -170,7 +170,7 @@ export class EventFeed {
     this.socket = null;
     for (const [id, { reject, timer }] of this.waiting) {
       clearTimeout(timer);
-      reject(new Error("the connection dropped before the gateway answered; check the event log"));
+      reject(new Error("the connection dropped before the gateway responded; check the event log"));
       this.waiting.delete(id);
     }
     const final = FINAL_CLOSE_CODES.get(close.code);
@@ -196,7 +196,7 @@ export class EventFeed {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.waiting.delete(requestId);
-        reject(new Error(`the gateway did not answer ${name} within ${REPLY_TIMEOUT_MS / 1000} s`));
+        reject(new Error(`the gateway did not respond to ${name} within ${REPLY_TIMEOUT_MS / 1000} s`));
       }, REPLY_TIMEOUT_MS);
       this.waiting.set(requestId, { resolve, reject, timer });
       this.socket.send(JSON.stringify({ command: name, request_id: requestId, ...fields }));
