@@ -1,11 +1,12 @@
 """Many WebSocket clients of one session in one process, for scenario 5.
 
-    python -m bench.fanout_clients URL CLIENTS LAST_SEQ
+    python -m bench.fanout_clients URL CLIENTS LAST_SEQ SECONDS
 
 Connects CLIENTS sockets to URL, prints `ready` once each has received the
-session's first event, then reads until every client has LAST_SEQ (or 60 s pass
-without progress) and prints one JSON line: latencies in ms (receive time minus
-the event's `at`), events missed per client, and closes seen.
+session's first event, then reads until every client has LAST_SEQ or SECONDS
+have passed since `ready`, and prints one JSON line: latencies in ms (receive
+time minus the event's `at`), events missed per client, and closes seen. An
+event not received by then counts as lost.
 """
 
 from __future__ import annotations
@@ -22,16 +23,19 @@ import websockets
 _decoder = msgspec.json.Decoder(dict)
 
 
-async def client(url: str, last_seq: int, ready: asyncio.Queue, latencies: list[float]) -> dict:
+async def client(
+    url: str, last_seq: int, ready: asyncio.Queue, go: asyncio.Future, latencies: list[float]
+) -> dict:
     seqs = 0
     closed = None
     async with websockets.connect(url, max_size=None, ping_interval=None, open_timeout=60) as ws:
         await asyncio.wait_for(ws.recv(), 60)  # session_created
         ready.put_nowait(1)
+        deadline = await go
         raw: list[tuple[float, bytes | str]] = []
         try:
             while True:
-                message = await asyncio.wait_for(ws.recv(), 60)
+                message = await asyncio.wait_for(ws.recv(), max(deadline - time.monotonic(), 0))
                 raw.append((time.time(), message))
                 seqs = _decoder.decode(message)["seq"]
                 if seqs >= last_seq:
@@ -44,12 +48,14 @@ async def client(url: str, last_seq: int, ready: asyncio.Queue, latencies: list[
     return {"received": len(raw), "closed": closed}
 
 
-async def main(url: str, count: int, last_seq: int) -> None:
+async def main(url: str, count: int, last_seq: int, seconds: float) -> None:
     ready: asyncio.Queue = asyncio.Queue()
+    go: asyncio.Future = asyncio.get_running_loop().create_future()
     latencies: list[float] = []
-    tasks = [asyncio.create_task(client(url, last_seq, ready, latencies)) for _ in range(count)]
+    tasks = [asyncio.create_task(client(url, last_seq, ready, go, latencies)) for _ in range(count)]
     for _ in range(count):
         await ready.get()
+    go.set_result(time.monotonic() + seconds)
     print("ready", flush=True)
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     expected = last_seq - 1
@@ -62,4 +68,4 @@ async def main(url: str, count: int, last_seq: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])))

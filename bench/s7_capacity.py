@@ -54,7 +54,7 @@ async def run_level(stack: ExecutorStack, sessions: int) -> tuple[float, int]:
     for w in watched:
         closing = await stack.command(w.session_id, cmd.CancelTask())
         await w.wait_for(
-            {"browser_closed", "command_rejected", "execution_cancelled"}, closing, timeout=60
+            {"browser_closed", "command_rejected", "execution_cancelled"}, closing, within=60
         )
     durations = [d for w in watched for d in w.step_durations()]
     if not durations:
