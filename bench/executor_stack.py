@@ -37,7 +37,7 @@ class Watched:
     async def wait_for(
         self, types: set[str], after: float = 0.0, within: float = 120
     ) -> tuple[float, ev.Event]:
-        """The first event of one of `types` that arrived after `after` (a perf_counter time)."""
+        """Return the first event of one of `types` that arrived after `after` (perf_counter)."""
         deadline = time.monotonic() + within
         while True:
             for arrived, event in self.seen:
@@ -107,7 +107,7 @@ class ExecutorStack:
         self.site.stop()
 
     async def planned_session(self) -> Watched:
-        """A session whose plan (the checkout sample) is ready, with a watcher on its events."""
+        """Create a session whose plan (the checkout sample) is ready, and watch its events."""
         session_id, plan_id = str(uuid.uuid4()), str(uuid.uuid4())
         test_case = sample_test_case("checkout")
         steps = split_test_case(test_case)
