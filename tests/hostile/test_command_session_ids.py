@@ -14,11 +14,6 @@ from .test_command_messages import _command
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="consumer.py appends command_rejected to an unusable session id before acking; "
-    "the append raises and the planner stops consuming",
-)
 async def test_command_with_unusable_session_id_is_acked_and_planner_keeps_serving() -> None:
     with fault_stack(names=WITHOUT_EXECUTOR) as stack:
         client = await connect(stack.nats_url, "tests-hostile")

@@ -34,26 +34,8 @@ def _check(case: Case, base_url: str) -> None:
         error = body.get("error") if isinstance(body, dict) else None
         assert isinstance(error, dict), where
         assert error.get("code") and str(error.get("message", "")).strip(), where
-        if response.status_code == 422 and not _whole_body_error(error):
+        if response.status_code == 422:
             assert error.get("field"), f"422 without the field it is about: {where}"
-
-
-def _whole_body_error(error: dict[str, object]) -> bool:
-    """A body that is not a JSON object: its 422 names no field yet.
-
-    A known gap, kept visible by the strict xfail in test_bad_input.py
-    (test_body_that_is_not_an_object_names_body); skipped here so the fuzz
-    can look for other faults.
-    """
-    details = error.get("details")
-    return (
-        error.get("field") is None
-        and isinstance(details, list)
-        and any(
-            isinstance(item, dict) and item.get("type") == "model_attributes_type"
-            for item in details
-        )
-    )
 
 
 @pytest.mark.timeout(240)

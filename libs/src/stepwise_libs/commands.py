@@ -6,6 +6,7 @@ request is stored once. The events a command causes carry its id.
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -140,12 +141,19 @@ def encode_command(command: Command) -> bytes:
 def decode_command(raw: bytes) -> tuple[Command, CommandBody]:
     """Decode and validate a command message, raising `InvalidCommand` with the reason."""
     if len(raw) > MAX_COMMAND_BYTES:
-        raise InvalidCommand(f"command of {len(raw)} bytes exceeds the {MAX_COMMAND_BYTES}-byte limit")
+        raise InvalidCommand(
+            f"command of {len(raw)} bytes exceeds the {MAX_COMMAND_BYTES}-byte limit",
+            _guess_session_id(raw),
+        )
     try:
         command = _decoder.decode(raw)
     except msgspec.DecodeError as error:
         session_id = _guess_session_id(raw)
         raise InvalidCommand(f"malformed command: {error}", session_id) from error
+    if not is_valid_session_id(command.session_id):
+        raise InvalidCommand(
+            f"invalid session_id {command.session_id[:80]!r}: expected 1-64 of A-Z a-z 0-9 _ -"
+        )
     if command.version != SCHEMA_VERSION:
         raise InvalidCommand(
             f"unsupported command version {command.version}; this service reads version {SCHEMA_VERSION}",
@@ -165,4 +173,14 @@ def _guess_session_id(raw: bytes) -> str | None:
     except msgspec.DecodeError:
         return None
     session_id = value.get("session_id") if isinstance(value, dict) else None
-    return session_id if isinstance(session_id, str) else None
+    if isinstance(session_id, str) and is_valid_session_id(session_id):
+        return session_id
+    return None
+
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def is_valid_session_id(session_id: str) -> bool:
+    """Return whether a session id can be one token of a NATS subject: 1-64 of [A-Za-z0-9_-]."""
+    return _SESSION_ID.fullmatch(session_id) is not None

@@ -74,10 +74,18 @@ async def _dispatch(store: EventStore, message: Msg, handle: CommandHandler) -> 
         )
         if error.session_id:
             command_type = message.subject.rsplit(".", 1)[-1]
-            await store.append(
-                error.session_id,
-                CommandRejected(command_type=command_type, reason=error.reason, code="invalid_command"),
-            )
+            try:
+                await store.append(
+                    error.session_id,
+                    CommandRejected(
+                        command_type=command_type, reason=error.reason, code="invalid_command"
+                    ),
+                )
+            except Exception:  # noqa: BLE001 - the message must be acked whatever happens here
+                logger.exception(
+                    "could not record the rejection on its session",
+                    extra={"subject": message.subject, "session_id": error.session_id},
+                )
         await message.ack()
         return
     try:

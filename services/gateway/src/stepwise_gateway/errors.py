@@ -92,8 +92,9 @@ def error_body(code: str, message: str, field: str | None = None) -> dict[str, A
 
 def _field_name(location: Sequence[Any]) -> str | None:
     # Drop the part of the request ("body", "query", ...) and keep the field path.
+    # A location that is only the part ("body" for a body that is not an object) names it.
     parts = [str(part) for part in location]
-    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+    if len(parts) > 1 and parts[0] in ("body", "query", "path", "header", "cookie"):
         parts = parts[1:]
     return ".".join(parts) or None
 
