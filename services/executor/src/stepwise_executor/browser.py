@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -133,18 +134,26 @@ class SessionBrowser:
                     victims[child.pid] = child
             except psutil.NoSuchProcess:
                 pass
+        # The known process tree dies first; the scan of every command line below is slower.
+        _kill(victims.values())
         marker = str(self.folder)
+        found: dict[int, psutil.Process] = {}
         for process in psutil.process_iter(["pid", "cmdline"]):
             cmdline = process.info.get("cmdline") or []
-            if any(marker in part for part in cmdline):
-                victims[process.pid] = process
-        for process in victims.values():
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
+            if process.pid not in victims and any(marker in part for part in cmdline):
+                found[process.pid] = process
+        _kill(found.values())
+        victims.update(found)
         psutil.wait_procs(list(victims.values()), timeout=3)
         return list(victims)
+
+
+def _kill(processes: Iterable[psutil.Process]) -> None:
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def session_processes(folder: Path) -> list[int]:

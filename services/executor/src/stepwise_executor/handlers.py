@@ -1,7 +1,7 @@
 """Handlers of `stepwise.cmd.executor.*` commands, and session ownership across executor replicas.
 
 A command is acknowledged as soon as it is accepted (or rejected with `command_rejected`),
-never when the work ends, so a paused session holds no unacknowledged message.
+never when the work ends, so a paused session keeps no unacknowledged message.
 
 Ownership: the executor holding a session's browser keeps the key `<session_id>` in the
 leases bucket set to its id, renewed by a heartbeat. A replica that receives a command
@@ -174,6 +174,16 @@ class ExecutorService:
             "command_id": command.command_id,
             "command_type": command.type,
         }
+        live = self.sessions.get(command.session_id)
+        if (
+            isinstance(body, cmd.CancelTask)
+            and live is not None
+            and command.command_id not in self.accepted
+        ):
+            # Cancel is immediate: the task and the browser end before the command's bookkeeping.
+            if live.task is not None:
+                live.task.cancel()
+            live.browser.kill_processes()
         lock = self._locks.setdefault(command.session_id, asyncio.Lock())
         async with lock:
             if command.command_id in self.accepted:
@@ -339,8 +349,8 @@ class ExecutorService:
         elif isinstance(body, cmd.Act):
             self._live(state).start_act(body.task_id, cid, body.task, body.previous_context)
         elif isinstance(body, cmd.PauseExecution):
-            # The in-memory request comes first so the event carries this command's id; the
-            # flag in the control bucket reaches the owner's watch and survives a lost message.
+            # The in-memory request comes first, so the event carries this command's id.
+            # The flag in the control bucket also reaches the owner's watch.
             self.sessions[state.session_id].request_pause(PAUSE_FLAG, cid)
             await set_control_flag(self.js, state.session_id, PAUSE_FLAG)
         elif isinstance(body, cmd.StopAll):
@@ -383,9 +393,9 @@ class ExecutorService:
     async def _heartbeat(self) -> None:
         """Renew the leases of owned sessions from a thread with its own event loop and connection.
 
-        browser-use blocks the event loop for seconds at a time while Chromium starts on a
-        loaded machine, and a lease not renewed for LEASE_TTL_SECONDS marks the session
-        interrupted, so the renewal must not depend on this loop.
+        In tests with three executors on a loaded two-core machine, a lease renewed on the
+        main event loop lapsed while browser-use started Chromium, and the session was
+        wrongly marked interrupted. A thread keeps the renewal independent of that loop.
         """
         stop = threading.Event()
         thread = threading.Thread(
