@@ -1,4 +1,4 @@
-"""The planner's and projector's `/healthz` on STEPWISE_HEALTH_PORT: 200, then 503 without NATS."""
+"""The workers' `/healthz` on STEPWISE_HEALTH_PORT: 200, then 503 without NATS."""
 
 from __future__ import annotations
 
@@ -30,7 +30,11 @@ def wait_for_status(url: str, status: int, timeout: float, log: Path) -> httpx.R
     )
 
 
-@pytest.mark.parametrize("service", ["planner", "projector"])
+# Seconds until a worker serves /healthz; importing browser-use makes the executor slow.
+START_TIMEOUT = {"planner": 60, "projector": 60, "executor": 150}
+
+
+@pytest.mark.parametrize("service", ["planner", "projector", "executor"])
 def test_worker_healthz_follows_nats(service: str, tmp_path: Path, database_url: str) -> None:
     # Its own nats-server, since the test stops it.
     nats = EmbeddedNats(tmp_path / "nats").start()
@@ -40,11 +44,12 @@ def test_worker_healthz_follows_nats(service: str, tmp_path: Path, database_url:
         STEPWISE_NATS_URL=nats.url,
         STEPWISE_DATABASE_URL=database_url,
         STEPWISE_HEALTH_PORT=str(port),
+        STEPWISE_HOME=str(tmp_path / "home"),
     )
     process = start_service(f"stepwise_{service}", env, log)
     url = f"http://127.0.0.1:{port}/healthz"
     try:
-        healthy = wait_for_status(url, 200, 60, log)
+        healthy = wait_for_status(url, 200, START_TIMEOUT[service], log)
         assert healthy.json() == {"status": "ok", "nats": "connected"}
         assert httpx.get(f"http://127.0.0.1:{port}/other", timeout=5).status_code == 404
         assert httpx.post(url, timeout=5).status_code == 405
@@ -55,6 +60,10 @@ def test_worker_healthz_follows_nats(service: str, tmp_path: Path, database_url:
         assert body["nats"] in ("reconnecting", "disconnected")
         assert body["error"]["code"] == "unhealthy"
         assert process.poll() is None, "the worker exited instead of reconnecting"
+
+        # SIGTERM stops a worker promptly even while NATS is away.
+        process.terminate()
+        assert process.wait(15) == 0
     finally:
         stop_service(process)
         nats.stop()

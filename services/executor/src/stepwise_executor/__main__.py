@@ -9,6 +9,7 @@ import sys
 
 from stepwise_libs import subjects
 from stepwise_libs.consumer import run_command_consumer
+from stepwise_libs.health import health_address, start_health_server
 from stepwise_libs.jetstream import EventStore, connect, ensure_topology
 from stepwise_libs.logs import configure_logging
 from stepwise_libs.settings import SettingsError
@@ -19,9 +20,10 @@ from .settings import ExecutorSettings
 logger = logging.getLogger(__name__)
 
 
-async def run(settings: ExecutorSettings) -> None:
+async def run(settings: ExecutorSettings, health_at: tuple[str, int] | None = None) -> None:
     settings.browsers_dir.mkdir(parents=True, exist_ok=True)
     client = await connect(settings.nats_url, f"executor-{settings.executor_id}")
+    health = await start_health_server(client, health_at)
     js = client.jetstream()
     await ensure_topology(js, settings.stream_replicas)
     store = EventStore(js)
@@ -48,17 +50,20 @@ async def run(settings: ExecutorSettings) -> None:
     logger.info("stopping", extra={"executor_id": settings.executor_id})
     await consumer
     await service.shutdown()
-    await client.drain()
+    await health.close()
+    # close, not drain: drain waits out its whole timeout once a pull consumer has fetched.
+    await client.close()
 
 
 def main() -> None:
     try:
         settings = ExecutorSettings()
+        health_at = health_address()
     except SettingsError as error:
         sys.stderr.write(f"stepwise-executor: {error}\n")
         raise SystemExit(2) from None
     configure_logging("executor", settings.log_level)
-    asyncio.run(run(settings))
+    asyncio.run(run(settings, health_at))
 
 
 if __name__ == "__main__":
