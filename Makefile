@@ -33,8 +33,15 @@ test: setup
 	$(UV) run --frozen pytest $(PYTEST_ARGS)
 
 bench: setup
-	@if [ -f bench/__main__.py ]; then $(UV) run --frozen python -m bench $(BENCH_ARGS); \
-	else echo "bench/ has no benchmarks yet (expected bench/__main__.py)"; fi
+	@if ! command -v redis-server >/dev/null; then \
+		if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+			echo "redis-server not found: installing Debian's redis-server for the baseline"; \
+			apt-get update && apt-get install -y --no-install-recommends redis-server; \
+		else \
+			echo "note: redis-server not found and not root: the Redis baseline will be skipped"; \
+		fi; \
+	fi
+	$(UV) run --frozen python -m bench $(BENCH_ARGS)
 
 lint: sync
 	$(UV) run --frozen ruff format --check .
