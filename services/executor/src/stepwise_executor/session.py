@@ -256,15 +256,17 @@ class LiveSession:
         task = self.task
         if task is not None and not task.done():
             task.cancel()
-        # Kill Chromium first, so nothing more is typed even while the task unwinds.
-        self.browser.kill_processes()
+        # Kill Chromium first, so nothing more is typed even while the task unwinds. The
+        # kill waits for the processes to exit, so it runs off the event loop.
+        await asyncio.to_thread(self.browser.kill_processes)
         if task is not None:
+            # The task is cancelled and its browser is gone; it only has cleanup left.
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(task), timeout=10)
-        await clear_control_flag(self.js, self.session_id)
+                await asyncio.wait_for(asyncio.shield(task), timeout=2)
         await self.append(
             ev.ExecutionCancelled(task_id=self.task_id or self.state.current_task_id), command_id
         )
+        await clear_control_flag(self.js, self.session_id)
         await self.close_browser("cancelled", command_id, graceful=False)
 
     async def close_browser(
