@@ -167,9 +167,11 @@ def _run_against(
     model: str | None,
     timeout: float,
     token: str | None = None,
+    allow_partial: bool = False,
 ) -> RunOutcome:
     with GatewayClient(gateway_url, token=token or token_from_env()) as client:
-        return SessionRun(client, console, timeout, error_console).run(test_case, target_url, model)
+        session_run = SessionRun(client, console, timeout, error_console, allow_partial)
+        return session_run.run(test_case, target_url, model)
 
 
 @app.command()
@@ -243,6 +245,14 @@ def run(
             show_default=False,
         ),
     ] = None,
+    allow_partial: Annotated[
+        bool,
+        typer.Option(
+            "--allow-partial",
+            help="Run the steps the planner understood even when it left parts of the test "
+            "case out. Default: such a plan fails the run before any step runs.",
+        ),
+    ] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log the supervisor's steps.")
     ] = False,
@@ -269,7 +279,7 @@ def run(
 
     gateway_url = gateway or running_gateway(default_home())
     if gateway_url is not None:
-        outcome = _run_against(gateway_url, text, target_url, model, timeout, token)
+        outcome = _run_against(gateway_url, text, target_url, model, timeout, token, allow_partial)
         raise typer.Exit(outcome.exit_code)
 
     # No stack runs: start one on a free port for this run and stop it afterwards.
@@ -277,7 +287,9 @@ def run(
         stack: Stack | None = None
         try:
             stack = _start_stack(StackConfig.from_env(port=0))
-            outcome = _run_against(stack.gateway_url, text, target_url, model, timeout, token)
+            outcome = _run_against(
+                stack.gateway_url, text, target_url, model, timeout, token, allow_partial
+            )
         except StackError as error:
             error_console.print(f"[red]error:[/red] {escape(str(error))}")
             raise typer.Exit(EXIT_FAILED) from None
@@ -289,6 +301,30 @@ def run(
                 with error_console.status("stopping the stack"):
                     stack.stop()
     raise typer.Exit(outcome.exit_code)
+
+
+@app.command("sample-site")
+def sample_site(
+    port: Annotated[
+        int, typer.Option(help="Port on 127.0.0.1 to serve the sample shop on; 0 picks a free one.")
+    ] = 8765,
+) -> None:
+    """Serve the bundled sample shop on loopback until Ctrl-C, to run your own test cases on it."""
+    try:
+        site = serve_sample_site(port=port)
+    except OSError as error:
+        raise _fail_usage(
+            f"cannot serve the sample shop on 127.0.0.1:{port}: {error.strerror or error}; "
+            "pass --port with another port"
+        ) from None
+    console.print(f"Sample shop on {site.base_url} (user standard_user, password secret_sauce)")
+    console.print("Press Ctrl-C to stop.")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        console.print("stopping")
+    finally:
+        site.stop()
 
 
 @app.command()

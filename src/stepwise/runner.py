@@ -71,8 +71,11 @@ class SessionRun:
         console: Console,
         timeout: float,
         error_console: Console | None = None,
+        allow_partial: bool = False,
     ) -> None:
         self.client = client
+        # Whether a plan that left parts of the test case out may still run.
+        self.allow_partial = allow_partial
         self.console = console
         self.error_console = error_console or Console(stderr=True, soft_wrap=True)
         self.timeout = timeout
@@ -195,6 +198,14 @@ class SessionRun:
         if not steps:
             return self._end(
                 EXIT_FAILED, "the plan has no steps: nothing in the test case was understood"
+            )
+        if unparsed and not self.allow_partial:
+            # A run that passed without these parts would report a test that never ran whole.
+            return self._end(
+                EXIT_FAILED,
+                f"the planner did not understand {len(unparsed)} part(s) of the test case, "
+                "so nothing ran: reword them in the forms listed in the README, "
+                "or pass --allow-partial to run the steps it understood",
             )
 
         self.total_steps = len(steps)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -227,3 +229,29 @@ def test_sample_test_cases_are_bundled() -> None:
     assert "Free shipping on every order" in failing
     with pytest.raises(FileNotFoundError, match="no sample test case named 'missing'"):
         sample_test_case("missing")
+
+
+def test_sample_site_command_serves_until_interrupt() -> None:
+    from stepwise.embedded import free_port
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stepwise.cli", "sample-site", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        first_line = process.stdout.readline()
+        assert f"http://127.0.0.1:{port}/" in first_line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+            assert response.status == 200
+            assert "Stepwise Sample Shop" in response.read().decode()
+
+        process.send_signal(signal.SIGINT)
+        assert process.wait(20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)

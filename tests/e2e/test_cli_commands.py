@@ -80,6 +80,24 @@ def test_run_exits_one_when_case_fails(stack: Stack, e2e_site: SampleSite) -> No
     assert "Test failed" in result.stdout
 
 
+@pytest.mark.timeout(300)
+def test_run_fails_plan_with_parts_left_out(
+    stack: Stack, e2e_site: SampleSite, tmp_path: Path
+) -> None:
+    case = '1. Open the login page\n2. Verify the logo is blue\n3. Check that the page shows "Username"'
+    args = ["run", "--gateway", stack.gateway_url, "--url", e2e_site.base_url, case]
+
+    strict = _run_cli(args, tmp_path, timeout=240)
+    partial = _run_cli([*args, "--allow-partial"], tmp_path, timeout=240)
+
+    assert strict.returncode == 1, strict.stdout + strict.stderr
+    assert "Verify the logo is blue" in strict.stdout
+    assert "did not understand 1 part(s)" in strict.stdout
+    assert "Step 1" not in strict.stdout
+    assert partial.returncode == 0, partial.stdout + partial.stderr
+    assert "Test passed: 2 passed, 0 failed, 0 skipped of 2 steps" in partial.stdout
+
+
 @pytest.mark.timeout(120)
 def test_run_exits_two_when_gateway_rejects_input(
     stack: Stack, e2e_site: SampleSite, tmp_path: Path
