@@ -84,7 +84,11 @@ def test_run_exits_one_when_case_fails(stack: Stack, e2e_site: SampleSite) -> No
 def test_run_fails_plan_with_parts_left_out(
     stack: Stack, e2e_site: SampleSite, tmp_path: Path
 ) -> None:
-    case = '1. Open the login page\n2. Verify the logo is blue\n3. Check that the page shows "Username"'
+    case = (
+        "1. Open the login page\n"
+        "2. Verify the logo is blue\n"
+        '3. Check that the page shows "Username"'
+    )
     args = ["run", "--gateway", stack.gateway_url, "--url", e2e_site.base_url, case]
 
     strict = _run_cli(args, tmp_path, timeout=240)
