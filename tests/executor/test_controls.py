@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js.kv import KV_DEL, KV_PURGE
 from stepwise_libs import commands as cmd
 from stepwise_libs import subjects
 from stepwise_libs.events import Event
@@ -78,6 +79,33 @@ def step_started(number: int):
 
 def types_of(events: list[Event]) -> list[str]:
     return [event.type for event in events]
+
+
+async def wait_for_lease_release(nats_client: NATS, session_id: str, within: float) -> None:
+    """Wait until no executor holds the session's lease, which it drops once its task ended."""
+    leases = await nats_client.jetstream().key_value(subjects.LEASES_BUCKET)
+    watcher = await leases.watch(session_id)
+    lease_held = False
+
+    async def follow() -> None:
+        nonlocal lease_held
+        async for entry in watcher:
+            if entry is None:
+                if not lease_held:
+                    return
+            elif entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+                return
+            else:
+                lease_held = True
+
+    try:
+        await asyncio.wait_for(follow(), timeout=within)
+    except TimeoutError:
+        raise AssertionError(
+            f"the lease on session {session_id} was held after {within} s"
+        ) from None
+    finally:
+        await watcher.stop()
 
 
 LOGIN = '1. Open the login page\n2. Type "standard_user" into "Username"\n3. Type "secret_sauce" into "Password"\n4. Click "Login"\n5. Check that the page shows "Products"'
@@ -284,3 +312,52 @@ async def test_owner_killed_session_resumes_elsewhere(
     assert events[-1].data["success"] is True
     new_owner_events = [e for e in events if e.type == "step_completed"]
     assert [e.data["step_number"] for e in new_owner_events] == [1, 2, 3]
+
+
+SHOP = LOGIN + '\n6. Click "Cart"\n7. Check that the page shows "Your Cart"'
+
+
+async def test_continue_after_stop_reopens_page(
+    cluster: dict[str, ExecutorProcess], nats_client: NATS, sample_site: SampleSite
+) -> None:
+    store = EventStore(nats_client.jetstream())
+    state = await create_planned_session(store, SHOP, sample_site.base_url)
+    sid = state.session_id
+    await send(nats_client, sid, cmd.ExecutePlan(task_id="run-s"))
+    await wait_for_event(store, sid, "step_started", within=120, match=step_started(4))
+    await send(nats_client, sid, cmd.StopAll())
+    events = await wait_for_event(store, sid, "browser_closed", within=120)
+    assert events[-1].data["reason"] == "stop_all"
+    after_step = next(e for e in events if e.type == "execution_paused").data["after_step"]
+    # Step 4, "Click "Login"", moved the browser to the products page before the stop.
+    assert after_step in (4, 5)
+    stopped = fold(sid, await store.read(sid))
+    assert stopped.status == "stopped"
+    assert stopped.last_url.endswith("/inventory.html")
+    first_urls = [e.data["url"] for e in events if e.type == "step_completed"]
+    assert first_urls[0].startswith(sample_site.base_url.rstrip("/"))
+    assert first_urls[3].endswith("/inventory.html")
+
+    await send(nats_client, sid, cmd.ContinueExecution(task_id="run-s"))
+    stop_closed = events[-1].seq
+    events = await wait_for_event(
+        store, sid, "browser_closed", within=180, match=lambda e: e.seq > stop_closed
+    )
+    types = types_of(events)
+    resumed_at = types.index("execution_resumed")
+    assert events[resumed_at].data["from_step"] == after_step + 1
+    after = events[resumed_at:]
+    # A fresh browser on a blank page could not check the products page or click "Cart".
+    assert "step_failed" not in types_of(after)
+    completed = [e for e in after if e.type == "step_completed"]
+    assert [e.data["step_number"] for e in completed] == list(range(after_step + 1, 8))
+    assert completed[-1].data["url"].endswith("/cart.html")
+    assert events[types.index("execution_completed")].data["success"] is True
+    await wait_for_lease_release(nats_client, sid, within=30)
+
+    # Act mode on the finished session opens another fresh browser on the cart page.
+    await send(
+        nats_client, sid, cmd.Act(task_id="act-s", task='Check that the page shows "Your Cart"')
+    )
+    events = await wait_for_event(store, sid, "act_mode_completed", within=120)
+    assert events[-1].data["url"].endswith("/cart.html")

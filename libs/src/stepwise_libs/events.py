@@ -104,6 +104,8 @@ class StepCompleted(Payload):
     results: list[str] = []
     screenshots: list[str] = []
     duration_ms: int = 0
+    # The page the browser showed when the step ended; a fresh browser reopens it.
+    url: str = ""
 
 
 class StepFailed(Payload):
@@ -115,6 +117,7 @@ class StepFailed(Payload):
     actions: list[ActionRecord] = []
     screenshots: list[str] = []
     duration_ms: int = 0
+    url: str = ""
 
 
 class StepSkipped(Payload):
@@ -164,6 +167,7 @@ class ActModeCompleted(Payload):
     actions: list[ActionRecord] = []
     result: str = ""
     screenshot: str | None = None
+    url: str = ""
 
 
 class ActModeFailed(Payload):

@@ -103,6 +103,8 @@ class SessionState:
     blocked_step: int | None = None
     last_rejection: str | None = None
     act_history: list[str] = field(default_factory=list)
+    # The page of the last step or act-mode instruction, from its event's `url`.
+    last_url: str = ""
 
     @property
     def plan_ready(self) -> bool:
@@ -288,6 +290,8 @@ def _step_completed(state: SessionState, data: ev.StepCompleted, event: Event) -
     step.screenshots = list(data.screenshots)
     step.finished_at = event.at
     step.duration_ms = data.duration_ms
+    if data.url:
+        state.last_url = data.url
 
 
 def _step_failed(state: SessionState, data: ev.StepFailed, event: Event) -> None:
@@ -302,6 +306,8 @@ def _step_failed(state: SessionState, data: ev.StepFailed, event: Event) -> None
     step.screenshots = list(data.screenshots)
     step.finished_at = event.at
     step.duration_ms = data.duration_ms
+    if data.url:
+        state.last_url = data.url
 
 
 def _step_skipped(state: SessionState, data: ev.StepSkipped, event: Event) -> None:
@@ -371,6 +377,8 @@ def _act_started(state: SessionState, data: ev.ActModeStarted, event: Event) -> 
 
 
 def _act_completed(state: SessionState, data: ev.ActModeCompleted, event: Event) -> None:
+    if data.url:
+        state.last_url = data.url
     _end_task(state, data.task_id, "completed", event)
     task = state.tasks.get(data.task_id)
     if task is not None:

@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 from stepwise_libs import events as ev
 from stepwise_libs import subjects
 from stepwise_libs.events import ActionRecord
-from stepwise_libs.fold import SessionState
+from stepwise_libs.fold import STEP_FAILED, STEP_PASSED, STEP_SKIPPED, SessionState
 from stepwise_libs.jetstream import EventStore
 
 from .browser import SessionBrowser
@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 # Agent steps (model calls) one plan step may take; the step time limit usually ends it first.
 MAX_AGENT_STEPS = 60
+# Seconds to reopen the session's last page in a fresh browser, and to read the page's URL.
+REOPEN_TIMEOUT = 60
+URL_TIMEOUT = 10
 
 
 @dataclass
@@ -38,6 +41,26 @@ class StepOutcome:
     error: str = ""
     category: str = ""
     duration_ms: int = 0
+    url: str = ""
+
+
+def resume_url(state: SessionState) -> str | None:
+    """Return the page a fresh browser opens before the next step, or None for a session that ran nothing.
+
+    A session that already ran steps or act-mode instructions reopens the page of the last one
+    (`last_url`), or its target URL when no page was recorded. A new session starts on a blank
+    page, as its first step usually opens the site.
+    """
+    if state.last_url.startswith(("http://", "https://", "file://")):
+        return state.last_url
+    ran_steps = any(step.status in (STEP_PASSED, STEP_FAILED, STEP_SKIPPED) for step in state.steps)
+    ran_acts = any(
+        task.task_type == "act_mode" and task.status in ("completed", "failed")
+        for task in state.tasks.values()
+    )
+    if (ran_steps or ran_acts) and state.target_url:
+        return state.target_url
+    return None
 
 
 def action_records(item: Any) -> list[ActionRecord]:
@@ -169,6 +192,7 @@ class StepRunner:
         outcome = await self._run_agent(task, task_id, step_number, command_id)
         outcome.duration_ms = int((time.monotonic() - started) * 1000)
         if self.browser.is_open:
+            outcome.url = await self._page_url(screenshot_step)
             try:
                 name = subjects.screenshot_object_name(self.state.session_id, screenshot_step, 1)
                 data = await asyncio.wait_for(self.browser.screenshot(), timeout=15)
@@ -183,11 +207,48 @@ class StepRunner:
                 )
         return outcome
 
+    async def _page_url(self, screenshot_step: int | str) -> str:
+        session = self.browser.session
+        if session is None:
+            return ""
+        try:
+            return await asyncio.wait_for(session.get_current_page_url(), timeout=URL_TIMEOUT)
+        except Exception as error:
+            logger.warning(
+                "reading the page URL failed: %s",
+                error,
+                extra={"session_id": self.state.session_id, "step": screenshot_step},
+            )
+            return ""
+
+    async def _reopen_page(self, session: BrowserSession) -> None:
+        """In a fresh browser of a session that already ran, open the page it was on."""
+        url = resume_url(self.state)
+        if url is None:
+            return
+        logger.info(
+            "reopening the session's last page in a fresh browser",
+            extra={"session_id": self.state.session_id, "url": url},
+        )
+        try:
+            await asyncio.wait_for(session.navigate_to(url), timeout=REOPEN_TIMEOUT)
+        except Exception as error:
+            # A retry starts a fresh browser again, which tries the page once more.
+            await self.browser.close()
+            detail = str(error) or type(error).__name__
+            raise StepError(
+                f"the fresh browser could not reopen the session's last page {url}: {detail}",
+                BROWSER_ERROR,
+            ) from error
+
     async def _run_agent(
         self, task: str, task_id: str, step_number: int | None, command_id: str | None
     ) -> StepOutcome:
         try:
+            fresh = not self.browser.is_open
             session = await self.browser.start()
+            if fresh:
+                await self._reopen_page(session)
             llm = self._model(task_id, step_number, command_id)
         except StepError as error:
             return StepOutcome(success=False, error=error.message, category=error.category)
@@ -287,6 +348,7 @@ class StepRunner:
                 results=outcome.results,
                 screenshots=outcome.screenshots,
                 duration_ms=outcome.duration_ms,
+                url=outcome.url,
             )
         else:
             payload = ev.StepFailed(
@@ -298,6 +360,7 @@ class StepRunner:
                 actions=outcome.actions,
                 screenshots=outcome.screenshots,
                 duration_ms=outcome.duration_ms,
+                url=outcome.url,
             )
         _apply(self.state, await self.append(payload, command_id))
         logger.info(

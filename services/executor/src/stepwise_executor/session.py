@@ -309,6 +309,7 @@ class LiveSession:
                     actions=outcome.actions,
                     result=outcome.results[-1] if outcome.results else "done",
                     screenshot=outcome.screenshots[0] if outcome.screenshots else None,
+                    url=outcome.url,
                 ),
                 command_id,
             )
