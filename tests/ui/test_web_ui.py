@@ -67,14 +67,20 @@ def assert_log_matches_stream(
         f"Number(document.getElementById('app').dataset.lastSeq) >= {stored}",
         timeout=STEP_TIMEOUT_MS,
     )
-    # Read the page once, then the stream, which by then holds at least what the page shows.
-    shown = page.locator("#event-log > li").evaluate_all(
-        "items => items.map(i => [Number(i.dataset.seq), i.dataset.type])"
+    # Read the log and the page's last seq in one go, since later events may still arrive,
+    # then the stream, which by then holds at least what the page shows.
+    snapshot = page.evaluate(
+        """() => ({
+            shown: [...document.querySelectorAll('#event-log > li')]
+                .map(i => [Number(i.dataset.seq), i.dataset.type]),
+            lastSeq: document.getElementById('app').dataset.lastSeq,
+        })"""
     )
+    shown = snapshot["shown"]
     events = stream_events(api, session_id)
     assert [seq for seq, _ in shown] == list(range(1, len(shown) + 1))
     assert [kind for _, kind in shown] == [event["type"] for event in events[: len(shown)]]
-    assert page.locator("#app").get_attribute("data-last-seq") == str(len(shown))
+    assert snapshot["lastSeq"] == str(len(shown))
     return events
 
 
