@@ -281,7 +281,7 @@ class EventStore:
         while low <= high:
             middle = (low + high) // 2
             found = await self._next_on_subject(subject, middle)
-            assert found is not None  # last_position >= middle holds a message of this subject
+            assert found is not None  # The position last_position >= middle contains a message of this subject.
             position, seq = found
             if seq > since:
                 # No message of this subject lies in [middle, position), so the answer is
