@@ -120,7 +120,12 @@ async def _read_all(js: JetStreamContext, session_id: str, count: int) -> list[E
     try:
         async with asyncio.timeout(FORM_TIMEOUT):
             while len(events) < count:
-                events = await EventStore(js).read(session_id)
+                # NOTE: right after a leader change, the ordered consumer behind
+                # EventStore.read can stall without delivering; a read gets 5 s and is retried.
+                try:
+                    events = await asyncio.wait_for(EventStore(js).read(session_id), 5)
+                except TimeoutError:
+                    continue
                 if len(events) < count:
                     await asyncio.sleep(0.1)
     except TimeoutError:
