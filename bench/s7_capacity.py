@@ -88,4 +88,4 @@ async def run_once(bench: Bench, results: Results) -> None:
 
 
 def targets(results: Results) -> list[Target]:
-    return []  # issue 6 sets no target for capacity; the figures are reported as measured
+    return []  # No target exists for capacity, so the figures are reported as measured.

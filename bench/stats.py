@@ -52,7 +52,7 @@ class Figure:
 
 @dataclass
 class Target:
-    """A goal from issue 6, checked on the medians of one run of the bench."""
+    """A benchmark target, checked on the medians of one run of the bench."""
 
     name: str
     goal: str
