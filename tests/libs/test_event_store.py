@@ -3,8 +3,8 @@ import uuid
 
 import pytest
 from nats.aio.client import Client as NATS
-
 from stepwise_libs import events as ev
+from stepwise_libs import subjects
 from stepwise_libs.jetstream import EventStore
 
 
@@ -28,9 +28,9 @@ async def test_concurrent_writers_keep_seq_dense(nats_client: NATS) -> None:
 
     events = await first.read(session_id)
     assert [event.seq for event in events] == list(range(1, 81))
-    assert sorted(event.data["message"] for event in events if event.data["plan_id"] == "first") == sorted(
-        str(index) for index in range(40)
-    )
+    assert sorted(
+        event.data["message"] for event in events if event.data["plan_id"] == "first"
+    ) == sorted(str(index) for index in range(40))
     positions = [event.position for event in events]
     assert positions == sorted(positions)
 
@@ -87,3 +87,38 @@ async def test_tail_resumes_after_since_then_live(nats_client: NATS) -> None:
     await asyncio.wait_for(consumer, 10)
 
     assert received == [8, 9, 10, 11, 12]
+
+
+async def test_tail_replaces_a_stalled_consumer(nats_client: NATS) -> None:
+    session_id = new_session()
+    js = nats_client.jetstream()
+    store = EventStore(js)
+    await append_progress(store, session_id, "p", 3)
+    received: list[int] = []
+    caught_up = asyncio.Event()
+
+    async def consume() -> None:
+        async for event in store.tail(session_id, idle_timeout=0.5):
+            received.append(event.seq)
+            if event.seq == 3:
+                caught_up.set()
+            if event.seq == 6:
+                return
+
+    consumer = asyncio.create_task(consume())
+    await asyncio.wait_for(caught_up.wait(), 10)
+
+    # Deleting the consumer on the server leaves the subscription waiting for messages
+    # that never come, as a consumer does whose stream changed leader.
+    subject = subjects.session_events_subject(session_id)
+    deleted = 0
+    for info in await js.consumers_info(subjects.EVENTS_STREAM):
+        if info.config.filter_subject == subject:
+            await js.delete_consumer(subjects.EVENTS_STREAM, info.name)
+            deleted += 1
+    assert deleted == 1
+    await append_progress(store, session_id, "after", 3)
+
+    # Without the idle check, the tail waits here for longer than this bound.
+    await asyncio.wait_for(consumer, 4)
+    assert received == [1, 2, 3, 4, 5, 6]

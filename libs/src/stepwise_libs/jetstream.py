@@ -7,14 +7,20 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import nats
 from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext, api
-from nats.js.errors import APIError, BucketNotFoundError, NoStreamResponseError, NotFoundError
+from nats.js.errors import (
+    APIError,
+    BucketNotFoundError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 
 from . import subjects
 from .commands import Command, encode_command
@@ -29,6 +35,10 @@ CONTROL_TTL_SECONDS = 300.0
 LEASE_TTL_SECONDS = 10.0
 COMMAND_DUPLICATE_WINDOW_SECONDS = 600.0
 EVENT_DUPLICATE_WINDOW_SECONDS = 120.0
+# Seconds without a message after which a tail checks whether its consumer has stalled.
+TAIL_IDLE_SECONDS = 5.0
+# The same for a read, which starts only when more events are stored, so it checks sooner.
+READ_IDLE_SECONDS = 1.0
 
 
 class AppendConflictError(RuntimeError):
@@ -43,8 +53,33 @@ class AppendConflictError(RuntimeError):
         self.attempts = attempts
 
 
+class EventReadStalledError(RuntimeError):
+    """Raised when a read gets no event for a while although the stream contains more."""
+
+    def __init__(self, session_id: str, received: int, expected: int, seconds: float) -> None:
+        super().__init__(
+            f"reading session {session_id} stalled: {received} of {expected} events "
+            f"arrived, then none for {seconds:.0f} s; check that the events stream has a leader"
+        )
+        self.session_id = session_id
+        self.received = received
+        self.expected = expected
+
+
+def server_urls(url: str) -> list[str]:
+    """Split a comma-separated list of NATS URLs, such as the nodes of a cluster."""
+    urls = [part.strip() for part in url.split(",") if part.strip()]
+    if not urls:
+        raise ValueError(f"no NATS URL in {url!r}; give one URL or a comma-separated list")
+    return urls
+
+
 async def connect(url: str, name: str) -> NATS:
-    """Connect to NATS, reconnecting for ever after the first connection succeeds."""
+    """Connect to NATS, reconnecting for ever after the first connection succeeds.
+
+    `url` may be a comma-separated list of the nodes of a cluster: the client
+    connects to any of them and moves to another when its node goes away.
+    """
 
     # While the server is away the client retries every 0.5 s; log the first error of an
     # outage and then one line every 30 s, with the number of errors in between.
@@ -71,7 +106,7 @@ async def connect(url: str, name: str) -> NATS:
         outage["errors"] = 0
 
     return await nats.connect(
-        servers=[url],
+        servers=server_urls(url),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
@@ -245,7 +280,9 @@ class EventStore:
                     await asyncio.sleep(min(0.05 * 2**unavailable, 1.0))
                     continue
                 if ack.duplicate:
-                    stored = await self._js.get_msg(subjects.EVENTS_STREAM, seq=ack.seq, direct=True)
+                    stored = await self._js.get_msg(
+                        subjects.EVENTS_STREAM, seq=ack.seq, direct=True
+                    )
                     event = decode_event(stored.data or b"", ack.seq)
                     self._tails[session_id] = _Tail(ack.seq, event.seq)
                     return event
@@ -281,7 +318,8 @@ class EventStore:
         while low <= high:
             middle = (low + high) // 2
             found = await self._next_on_subject(subject, middle)
-            assert found is not None  # The position last_position >= middle contains a message of this subject.
+            # The position last_position >= middle contains a message of this subject.
+            assert found is not None
             position, seq = found
             if seq > since:
                 # No message of this subject lies in [middle, position), so the answer is
@@ -302,29 +340,46 @@ class EventStore:
         return message.seq or 0, _seq_of(message)
 
     async def read(self, session_id: str, since: int = 0, limit: int | None = None) -> list[Event]:
-        """Return the stored events of a session after `since`, at most `limit` of them."""
+        """Return the stored events of a session after `since`, at most `limit` of them.
+
+        Raises EventReadStalledError when no event arrives for `unavailable_timeout`
+        seconds although the stream contains more.
+        """
         _, last_seq = await self.last(session_id)
         if last_seq <= since or limit == 0:
             return []
         wanted = last_seq - since if limit is None else min(limit, last_seq - since)
         events: list[Event] = []
         # aclosing unsubscribes at once instead of when the generator is collected.
-        async with contextlib.aclosing(self.tail(session_id, since)) as tail:
-            async for event in tail:
+        async with contextlib.aclosing(
+            self.tail(session_id, since, idle_timeout=READ_IDLE_SECONDS)
+        ) as tail:
+            while len(events) < wanted:
+                try:
+                    event = await asyncio.wait_for(anext(tail), self._unavailable_timeout)
+                except TimeoutError:
+                    raise EventReadStalledError(
+                        session_id, len(events), wanted, self._unavailable_timeout
+                    ) from None
                 events.append(event)
-                if len(events) >= wanted:
-                    break
         return events
 
-    async def tail(self, session_id: str, since: int = 0) -> AsyncIterator[Event]:
+    async def tail(
+        self, session_id: str, since: int = 0, idle_timeout: float = TAIL_IDLE_SECONDS
+    ) -> AsyncGenerator[Event, None]:
         """Yield every event of a session after `since`, in order and once each, then live ones.
 
-        Runs until the caller stops iterating.
+        Runs until the caller stops iterating. After `idle_timeout` seconds without
+        a message it checks the session's last event. When the stream contains events
+        that the consumer has not delivered, the consumer has stalled (which happens
+        after a JetStream leader change), so it is replaced by a new one that starts
+        after the last event delivered.
         """
         subject = subjects.session_events_subject(session_id)
         # The start position comes from one read of the tail, so an event appended while
         # this runs has a higher position and is delivered, never skipped.
         last_position, last_seq = await self.last(session_id)
+        position: int | None
         if last_seq > since:
             position = await self.position_after(session_id, since)
         elif last_position:
@@ -332,35 +387,77 @@ class EventStore:
         else:
             # The session has no events yet: deliver every message of its subject.
             position = None
-        if position is None:
-            deliver = {"deliver_policy": api.DeliverPolicy.ALL}
-        else:
-            deliver = {
-                "deliver_policy": api.DeliverPolicy.BY_START_SEQUENCE,
-                "config": api.ConsumerConfig(opt_start_seq=position),
-            }
-        subscription = await self._js.subscribe(
-            subject,
-            stream=subjects.EVENTS_STREAM,
-            ordered_consumer=True,
-            idle_heartbeat=5.0,
-            **deliver,
-        )
         last_seen = since
-        try:
-            while True:
-                message = await subscription.next_msg(timeout=None)
-                metadata = message.metadata
-                event = decode_event(message.data, metadata.sequence.stream)
-                if event.seq <= last_seen:
-                    continue
-                last_seen = event.seq
-                yield event
-        finally:
+        while True:
+            subscription = await self._subscribe(subject, position)
             try:
-                await subscription.unsubscribe()
-            except Exception:  # the connection may already be closed
-                logger.debug("unsubscribe failed", exc_info=True)
+                while True:
+                    try:
+                        message = await subscription.next_msg(timeout=idle_timeout)
+                    except NatsTimeoutError:
+                        if await self._has_undelivered(session_id, last_seen):
+                            break
+                        continue
+                    stream_position = message.metadata.sequence.stream
+                    event = decode_event(message.data, stream_position)
+                    position = stream_position + 1
+                    if event.seq <= last_seen:
+                        continue
+                    last_seen = event.seq
+                    yield event
+            finally:
+                try:
+                    await subscription.unsubscribe()
+                except Exception:  # the connection may already be closed
+                    logger.debug("unsubscribe failed", exc_info=True)
+            logger.warning(
+                "event consumer stalled, starting a new one",
+                extra={"session_id": session_id, "seq": last_seen, "position": position},
+            )
+
+    async def _subscribe(
+        self, subject: str, position: int | None
+    ) -> JetStreamContext.PushSubscription:
+        """Create an ordered consumer on `subject` from `position`, or from its first message."""
+        if position is None:
+            policy, config = api.DeliverPolicy.ALL, None
+        else:
+            policy = api.DeliverPolicy.BY_START_SEQUENCE
+            config = api.ConsumerConfig(opt_start_seq=position)
+        attempt = 0
+        deadline = time.monotonic() + self._unavailable_timeout
+        while True:
+            try:
+                return await self._js.subscribe(
+                    subject,
+                    stream=subjects.EVENTS_STREAM,
+                    ordered_consumer=True,
+                    idle_heartbeat=5.0,
+                    deliver_policy=policy,
+                    config=config,
+                )
+            except (NatsTimeoutError, NoStreamResponseError, ServiceUnavailableError) as error:
+                # The stream is electing a leader or the server is away.
+                attempt += 1
+                if time.monotonic() >= deadline:
+                    raise
+                logger.warning(
+                    "creating an event consumer failed (%s), retrying",
+                    type(error).__name__,
+                    extra={"subject": subject, "attempt": attempt},
+                )
+                await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+
+    async def _has_undelivered(self, session_id: str, last_seen: int) -> bool:
+        """Return True when the stream contains an event of the session after seq `last_seen`."""
+        try:
+            _, last_seq = await self.last(session_id)
+        except (NatsTimeoutError, NoStreamResponseError, ServiceUnavailableError) as error:
+            logger.debug(
+                "reading the last event failed: %s", error, extra={"session_id": session_id}
+            )
+            return False
+        return last_seq > last_seen
 
 
 def _seq_of(message: api.RawStreamMsg) -> int:
