@@ -81,6 +81,8 @@ class ExecutionStarted(Payload):
     from_step: int
     total_steps: int
     mode: str = "execution"
+    # The executor replica that runs the steps (STEPWISE_EXECUTOR_ID); empty in older events.
+    executor_id: str = ""
 
 
 class StepStarted(Payload):
@@ -134,6 +136,8 @@ class ExecutionPaused(Payload):
 class ExecutionResumed(Payload):
     task_id: str
     from_step: int
+    # The executor replica that runs the steps (STEPWISE_EXECUTOR_ID); empty in older events.
+    executor_id: str = ""
 
 
 class ExecutionCompleted(Payload):
@@ -180,6 +184,8 @@ class RunTillEndStarted(Payload):
     task_id: str
     from_step: int
     total_steps: int
+    # The executor replica that runs the steps (STEPWISE_EXECUTOR_ID); empty in older events.
+    executor_id: str = ""
 
 
 class RunTillEndProgress(Payload):

@@ -105,13 +105,22 @@ class LiveSession:
         from_step = self.state.next_step or total + 1
         if mode == RUN_TILL_END:
             await self.append(
-                ev.RunTillEndStarted(task_id=task_id, from_step=from_step, total_steps=total),
+                ev.RunTillEndStarted(
+                    task_id=task_id,
+                    from_step=from_step,
+                    total_steps=total,
+                    executor_id=self.settings.executor_id,
+                ),
                 command_id,
             )
         else:
             await self.append(
                 ev.ExecutionStarted(
-                    task_id=task_id, from_step=from_step, total_steps=total, mode=mode
+                    task_id=task_id,
+                    from_step=from_step,
+                    total_steps=total,
+                    mode=mode,
+                    executor_id=self.settings.executor_id,
                 ),
                 command_id,
             )
@@ -137,7 +146,10 @@ class LiveSession:
                 command_id,
             )
         from_step = self.state.next_step or len(self.state.steps) + 1
-        await self.append(ev.ExecutionResumed(task_id=task_id, from_step=from_step), command_id)
+        resumed = ev.ExecutionResumed(
+            task_id=task_id, from_step=from_step, executor_id=self.settings.executor_id
+        )
+        await self.append(resumed, command_id)
         await self._run_steps(task_id, command_id)
 
     async def _run_steps(self, task_id: str, command_id: str) -> None:
