@@ -120,7 +120,9 @@ def _print_urls(stack: Stack) -> None:
     console.print(f"[bold]Stepwise is running[/bold] on {stack.gateway_url}")
     console.print(f"  web UI      {stack.gateway_url}/")
     console.print(f"  API docs    {stack.gateway_url}/docs")
-    console.print(f"  NATS        {stack.nats_url}")
+    console.print(f"  NATS        {stack.nats_address}")
+    if stack.nats_users_path is not None:
+        console.print(f"  NATS users  {stack.nats_users_path} (one per service, and admin)")
     console.print(f"  Postgres    {stack.database_url}")
     console.print(f"  data, logs  {stack.home} ({stack.logs_dir})")
 
@@ -189,6 +191,8 @@ def up(
     Starts an embedded nats-server and Postgres with their data under
     $STEPWISE_HOME (default ./.stepwise) unless STEPWISE_NATS_URL and
     STEPWISE_DATABASE_URL are set, runs the migrations, then the four services.
+    On the embedded nats-server each service connects as its own NATS user; the
+    generated passwords are in $STEPWISE_HOME/nats-users.json (mode 0600).
     """
     _configure_logging(verbose)
     stop = threading.Event()

@@ -100,6 +100,8 @@ class EmbeddedNats:
     host: str = "127.0.0.1"
     port: int = 0
     extra_args: list[str] = field(default_factory=list)
+    # Variables added to the server's environment, such as the passwords its config refers to.
+    environment: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -131,7 +133,12 @@ class EmbeddedNats:
             str(self.log_path),
             *self.extra_args,
         ]
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.environment},
+            start_new_session=True,
+        )
         _wait_for_port(self.host, self.port, self.process, timeout, self.log_path)
         logger.info("nats-server started on %s", self.url)
         return self

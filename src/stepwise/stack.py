@@ -3,10 +3,11 @@
 Start order: nats-server and Postgres (embedded unless `STEPWISE_NATS_URL` and
 `STEPWISE_DATABASE_URL` point at running ones), `stepwise-projector migrate`,
 then projector, planner, executor and gateway, each its own process with its
-log under `$STEPWISE_HOME/logs/`. Stop order is the reverse. While the stack
-runs, `$STEPWISE_HOME/stack.json` records the gateway URL and the pids, so that
-`stepwise run` can find it. A lock file keeps a second supervisor off the same
-data folder.
+log under `$STEPWISE_HOME/logs/`. On the embedded nats-server each service
+connects as its own NATS user with only its own rights (`stepwise.nats_users`).
+Stop order is the reverse. While the stack runs, `$STEPWISE_HOME/stack.json`
+records the gateway URL and the pids, so that `stepwise run` can find it. A lock
+file keeps a second supervisor off the same data folder.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
+from stepwise_libs.settings import redact_url
 
-from stepwise import processes
+from stepwise import nats_users, processes
 from stepwise.embedded import (
     EmbeddedNats,
     EmbeddedPostgres,
@@ -170,7 +172,11 @@ class Stack:
         self.logs_dir = self.home / "logs"
         self.nats: EmbeddedNats | None = None
         self.postgres: EmbeddedPostgres | None = None
+        # Full rights on the stack's NATS: the admin user on the embedded server, or
+        # STEPWISE_NATS_URL as given. It may hold a password: print or store `nats_address`.
         self.nats_url = config.nats_url or ""
+        # Each service's own URL with its own user; empty when STEPWISE_NATS_URL is used as is.
+        self.service_nats_urls: dict[str, str] = {}
         self.database_url = config.database_url or ""
         self.port = config.port
         self.services: dict[str, Service] = {}
@@ -187,6 +193,16 @@ class Stack:
     @property
     def state_path(self) -> Path:
         return self.home / STATE_FILE
+
+    @property
+    def nats_address(self) -> str:
+        """Return the NATS URL without credentials, to print or store."""
+        return self.nats.url if self.nats is not None else redact_url(self.nats_url)
+
+    @property
+    def nats_users_path(self) -> Path | None:
+        """Return the passwords file of the embedded nats-server's users, or None without one."""
+        return self.home / nats_users.USERS_FILE if self.service_nats_urls else None
 
     # --- start -------------------------------------------------------------------
 
@@ -262,19 +278,41 @@ class Stack:
     def _start_servers(self) -> None:
         if not self.nats_url:
             self.report("info", "starting the embedded nats-server")
-            self.nats = EmbeddedNats(self.home / "nats").start()
-            self.nats_url = self.nats.url
+            self._start_embedded_nats()
         if not self.database_url:
             self.report("info", "starting the embedded Postgres")
             self.postgres = EmbeddedPostgres(self.home / "postgres").start()
             self.database_url = self.postgres.url
+
+    def _start_embedded_nats(self) -> None:
+        try:
+            passwords = nats_users.load_or_create_passwords(self.home)
+        except nats_users.NatsUsersError as error:
+            raise StackError(str(error)) from error
+        data_dir = self.home / "nats"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        config_path = data_dir / "users.conf"
+        config_path.write_text(nats_users.server_config())
+        self.nats = EmbeddedNats(
+            data_dir,
+            extra_args=["-c", str(config_path)],
+            environment=nats_users.server_environment(passwords),
+        ).start()
+        address = self.nats.url
+        self.nats_url = nats_users.url_with_credentials(
+            address, nats_users.ADMIN_USER, passwords[nats_users.ADMIN_USER]
+        )
+        self.service_nats_urls = {
+            name: nats_users.url_with_credentials(address, name, passwords[name])
+            for name in nats_users.SERVICE_USERS
+        }
 
     def _environment(self, name: str) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.config.extra_env)
         env.update(
             {
-                "STEPWISE_NATS_URL": self.nats_url,
+                "STEPWISE_NATS_URL": self.service_nats_urls.get(name, self.nats_url),
                 "STEPWISE_LOG_LEVEL": self.config.log_level,
                 "STEPWISE_HOME": str(self.home),
                 "PYTHONUNBUFFERED": "1",
@@ -492,7 +530,8 @@ class Stack:
             "ready": self.ready,
             "home": str(self.home),
             "supervisor_pid": os.getpid(),
-            "nats_url": self.nats_url,
+            "nats_url": self.nats_address,
+            "nats_users_file": str(self.nats_users_path) if self.nats_users_path else None,
             "database_url": self.database_url,
             "nats_pid": self.nats.process.pid if self.nats and self.nats.process else None,
             "postgres_pid": (

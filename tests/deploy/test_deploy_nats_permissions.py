@@ -30,6 +30,7 @@ from stepwise_libs import subjects
 from stepwise_libs.events import SessionCreated
 from stepwise_libs.jetstream import EventStore, ensure_topology
 
+from stepwise import nats_users
 from stepwise.embedded import EmbeddedNats
 
 DENIED_WAIT = 3.0
@@ -51,6 +52,15 @@ PUBLISH_TABLE = [
     ("$JS.API.STREAM.DELETE.STEPWISE_EVENTS", set()),
     ("$JS.API.STREAM.PURGE.STEPWISE_EVENTS", set()),
 ]
+
+
+def test_values_match_stepwise_up_permissions() -> None:
+    # `stepwise up` gives its embedded nats-server the users of stepwise.nats_users.
+    from_values = users()
+
+    assert set(from_values) == set(nats_users.SERVICE_USERS)
+    for name in nats_users.SERVICE_USERS:
+        assert from_values[name]["permissions"] == nats_users.PERMISSIONS[name], name
 
 
 @pytest.mark.parametrize(("subject", "publishers"), PUBLISH_TABLE)

@@ -32,6 +32,11 @@ OFFLINE_ENV = {
 }
 
 
+# Tests name their own NATS connections with this prefix, so that a violation they cause
+# on purpose is not taken for a service's.
+TEST_CLIENT_PREFIX = "tests-"
+
+
 @dataclass
 class SampleRuns:
     checkout: SessionRecord
@@ -88,6 +93,23 @@ def _run_stack(home: Path) -> Iterator[Stack]:
             if service.process is not None and service.process.poll() is not None
         }
         assert not dead, f"services exited during the tests (name: exit code): {dead}"
+        # Each service runs as its own NATS user: a subject its rights lack shows up here.
+        violations = service_violations(running)
+        assert not violations, "NATS permission violations by the services:\n" + "\n".join(
+            violations
+        )
+
+
+def service_violations(stack: Stack) -> list[str]:
+    """Return the permission violations in the nats-server log, leaving out test clients."""
+    if stack.nats is None:
+        return []
+    log = stack.nats.log_path.read_text(errors="replace")
+    return [
+        line
+        for line in log.splitlines()
+        if "Violation" in line and f":{TEST_CLIENT_PREFIX}" not in line
+    ]
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 
 class SettingsError(ValueError):
@@ -49,10 +50,29 @@ def env_float(name: str, default: float, minimum: float = 0.0) -> float:
 class CommonSettings:
     """Settings every service reads."""
 
-    nats_url: str = field(default_factory=lambda: env_str("STEPWISE_NATS_URL", "nats://127.0.0.1:4222"))
+    nats_url: str = field(
+        default_factory=lambda: env_str("STEPWISE_NATS_URL", "nats://127.0.0.1:4222")
+    )
     log_level: str = field(default_factory=lambda: env_str("STEPWISE_LOG_LEVEL", "INFO").upper())
     # Replicas of each stream and bucket; 3 on a NATS cluster.
     stream_replicas: int = field(default_factory=lambda: env_int("STEPWISE_STREAM_REPLICAS", 1, 1))
+
+
+def redact_url(url: str) -> str:
+    """Return `url` with the secret of each `user:password@` or `token@` part as `***`, for logs.
+
+    A comma-separated list of URLs, as STEPWISE_NATS_URL accepts, is redacted URL by URL.
+    """
+    if "," in url:
+        return ",".join(redact_url(item.strip()) for item in url.split(","))
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return url
+    # NATS reads a user part without a password as a token, so it is a secret too.
+    name, colon, _ = userinfo.partition(":")
+    redacted = f"{name}:***" if colon else "***"
+    return urlunsplit(parts._replace(netloc=f"{redacted}@{host}"))
 
 
 def gemini_api_key() -> str | None:
@@ -66,4 +86,6 @@ OFFLINE_MODEL = "offline"
 
 def default_model() -> str:
     """Return the model a session gets when the request names none."""
-    return env_str("STEPWISE_DEFAULT_MODEL", DEFAULT_GEMINI_MODEL if gemini_api_key() else OFFLINE_MODEL)
+    return env_str(
+        "STEPWISE_DEFAULT_MODEL", DEFAULT_GEMINI_MODEL if gemini_api_key() else OFFLINE_MODEL
+    )

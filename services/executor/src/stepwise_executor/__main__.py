@@ -12,7 +12,7 @@ from stepwise_libs.consumer import run_command_consumer
 from stepwise_libs.health import health_address, start_health_server
 from stepwise_libs.jetstream import EventStore, connect, ensure_topology
 from stepwise_libs.logs import configure_logging
-from stepwise_libs.settings import SettingsError
+from stepwise_libs.settings import SettingsError, redact_url
 
 from .handlers import ExecutorService
 from .settings import ExecutorSettings
@@ -44,7 +44,8 @@ async def run(settings: ExecutorSettings, health_at: tuple[str, int] | None = No
         )
     )
     logger.info(
-        "service ready", extra={"executor_id": settings.executor_id, "nats_url": settings.nats_url}
+        "service ready",
+        extra={"executor_id": settings.executor_id, "nats_url": redact_url(settings.nats_url)},
     )
     await stop.wait()
     logger.info("stopping", extra={"executor_id": settings.executor_id})

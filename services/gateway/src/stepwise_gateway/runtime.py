@@ -14,6 +14,7 @@ from nats.js import JetStreamContext
 from sqlalchemy.exc import DBAPIError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from stepwise_libs.jetstream import EventStore, connect, ensure_topology
+from stepwise_libs.settings import redact_url
 
 from .errors import DatabaseUnavailable, NatsUnavailable
 from .notifications import ProjectionNotifier
@@ -75,13 +76,15 @@ class Runtime:
                 raise
             except Exception as error:  # keep retrying until NATS is reachable
                 logger.warning(
-                    "connecting to NATS failed, retrying: %s", error, extra={"nats_url": url}
+                    "connecting to NATS failed, retrying: %s",
+                    error,
+                    extra={"nats_url": redact_url(url)},
                 )
                 await asyncio.sleep(1.0)
                 continue
             self.nats, self._js, self._store = client, js, EventStore(js)
             self.nats_ready.set()
-            logger.info("service ready", extra={"nats_url": url})
+            logger.info("service ready", extra={"nats_url": redact_url(url)})
             return
 
     @property
@@ -91,9 +94,8 @@ class Runtime:
     def jetstream(self) -> tuple[JetStreamContext, EventStore]:
         """Return the JetStream context and event store, or raise 503 when NATS is not connected."""
         if self._js is None or self._store is None or not self.nats_connected:
-            raise NatsUnavailable(
-                f"NATS at {self.settings.nats_url} is not connected; retry in a few seconds"
-            )
+            address = redact_url(self.settings.nats_url)
+            raise NatsUnavailable(f"NATS at {address} is not connected; retry in a few seconds")
         return self._js, self._store
 
 

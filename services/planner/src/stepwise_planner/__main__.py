@@ -15,7 +15,7 @@ from stepwise_libs.consumer import run_command_consumer
 from stepwise_libs.health import health_address, start_health_server
 from stepwise_libs.jetstream import EventStore, connect, ensure_topology
 from stepwise_libs.logs import configure_logging
-from stepwise_libs.settings import SettingsError
+from stepwise_libs.settings import SettingsError, redact_url
 
 from .handlers import PlannerService
 from .settings import PlannerSettings
@@ -58,7 +58,7 @@ async def run(settings: PlannerSettings, health_at: tuple[str, int] | None = Non
         logger.info(
             "service ready",
             extra={
-                "nats_url": settings.common.nats_url,
+                "nats_url": redact_url(settings.common.nats_url),
                 "concurrency": settings.concurrency,
                 "gemini": settings.gemini_api_key is not None,
             },
