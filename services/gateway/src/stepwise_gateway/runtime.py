@@ -18,6 +18,7 @@ from stepwise_libs.settings import redact_url
 
 from .errors import DatabaseUnavailable, NatsUnavailable
 from .notifications import ProjectionNotifier
+from .pump import FeedHub
 from .settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -49,12 +50,15 @@ class Runtime:
             },
         )
         self.notifier = ProjectionNotifier(settings.database_url)
+        # One shared tail per streamed session, for all of its WebSocket and SSE clients.
+        self.feeds = FeedHub()
 
     async def start(self) -> None:
         # NATS may come up after the gateway: connect in the background and return 503 until then.
         self._connecting = asyncio.create_task(self._connect_nats(), name="connect-nats")
 
     async def stop(self) -> None:
+        await self.feeds.stop()
         if self._connecting is not None:
             self._connecting.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

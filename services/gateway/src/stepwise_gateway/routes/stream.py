@@ -35,10 +35,11 @@ from stepwise_gateway.pump import (
     CLOSE_NOT_FOUND,
     CLOSE_TOO_SLOW,
     CLOSE_UNAVAILABLE,
+    Frame,
     Outbox,
+    Subscriber,
     cancel_all,
     is_event,
-    pump_events,
 )
 from stepwise_gateway.runtime import Runtime, nats_errors
 from stepwise_gateway.schemas import ErrorResponse, EventList
@@ -134,38 +135,39 @@ async def stream_events(
         _, last_seq = await store.last(session_id)
     if last_seq == 0:
         raise SessionNotFound(session_id)
-    outbox = Outbox(runtime.settings.client_buffer)
+    capacity = runtime.settings.client_buffer
 
     async def frames() -> AsyncIterator[bytes]:
-        pump = asyncio.create_task(pump_events(store, session_id, since, outbox))
+        feed, subscriber, replay = runtime.feeds.join(store, session_id, since, capacity, last_seq)
+        outbox = subscriber.outbox
+        sent = EVENTS_SENT.labels("sse")
+        stop = asyncio.ensure_future(_stopped(subscriber))
         try:
             while True:
                 getter = asyncio.ensure_future(outbox.get())
-                overflow = asyncio.ensure_future(outbox.overflowed.wait())
                 done, _ = await asyncio.wait(
-                    {getter, overflow}, timeout=SSE_KEEPALIVE, return_when=asyncio.FIRST_COMPLETED
+                    {getter, stop}, timeout=SSE_KEEPALIVE, return_when=asyncio.FIRST_COMPLETED
                 )
                 if getter not in done:
                     getter.cancel()
-                overflow.cancel()
                 if getter in done:
-                    event = getter.result()
-                    outbox.last_sent_seq = event.seq
-                    EVENTS_SENT.labels("sse").inc()
-                    yield b"id: %d\nevent: %s\ndata: %s\n\n" % (
-                        event.seq,
-                        event.type.encode(),
-                        _encoder.encode(event),
-                    )
+                    frame: Frame = getter.result()
+                    outbox.last_sent_seq = frame.seq
+                    sent.inc()
+                    yield frame.sse()
                 elif outbox.overflowed.is_set():
                     SLOW_CLIENT_CLOSES.labels("sse").inc()
                     note = {"reason": "client too slow", "resume_since": outbox.last_sent_seq}
                     yield b"event: overflow\ndata: %s\n\n" % _encoder.encode(note)
                     return
+                elif subscriber.failed.is_set():
+                    # End the stream, so the client reconnects with Last-Event-ID.
+                    return
                 else:
                     yield b": keep-alive\n\n"
         finally:
-            await cancel_all(pump)
+            await cancel_all(stop)
+            await runtime.feeds.leave(feed, subscriber, replay)
 
     return StreamingResponse(
         frames(),
@@ -199,30 +201,40 @@ async def session_socket(websocket: WebSocket, session_id: str) -> None:
         await _close(websocket, session_id, CLOSE_NOT_FOUND, f"no session with id {session_id!r}")
         return
 
-    outbox = Outbox(runtime.settings.client_buffer)
-    pump = asyncio.create_task(pump_events(store, session_id, int(since_text), outbox))
+    feed, subscriber, replay = runtime.feeds.join(
+        store, session_id, int(since_text), runtime.settings.client_buffer, last_seq
+    )
+    outbox = subscriber.outbox
     receiver = asyncio.create_task(_receive_commands(websocket, runtime, session_id, outbox))
     sender = asyncio.create_task(_send(websocket, outbox))
-    overflow = asyncio.create_task(outbox.overflowed.wait())
+    stopped = asyncio.create_task(_stopped(subscriber))
     try:
-        done, _ = await asyncio.wait(
-            {pump, receiver, sender, overflow}, return_when=asyncio.FIRST_COMPLETED
-        )
-        if overflow in done:
+        await asyncio.wait({receiver, sender, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if outbox.overflowed.is_set():
             await cancel_all(sender)
             SLOW_CLIENT_CLOSES.labels("websocket").inc()
             reason = f"client too slow; reconnect with since={outbox.last_sent_seq}"
             await _close(websocket, session_id, CLOSE_TOO_SLOW, reason)
-        elif pump in done and pump.exception() is not None:
-            logger.warning(
-                "event tail failed: %s", pump.exception(), extra={"session_id": session_id}
-            )
+        elif subscriber.failed.is_set():
+            await cancel_all(sender)
             reason = f"event stream unavailable; reconnect with since={outbox.last_sent_seq}"
             await _close(websocket, session_id, CLOSE_UNAVAILABLE, reason)
     except Exception:  # the client may be gone already, so closing can fail
         logger.debug("closing the socket failed", exc_info=True, extra={"session_id": session_id})
     finally:
-        await cancel_all(pump, receiver, sender, overflow)
+        await cancel_all(receiver, sender, stopped)
+        await runtime.feeds.leave(feed, subscriber, replay)
+
+
+async def _stopped(subscriber: Subscriber) -> None:
+    """Return once the client fell too far behind or its event stream failed."""
+    overflow = asyncio.ensure_future(subscriber.outbox.overflowed.wait())
+    failed = asyncio.ensure_future(subscriber.failed.wait())
+    try:
+        await asyncio.wait({overflow, failed}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        overflow.cancel()
+        failed.cancel()
 
 
 async def _close(websocket: WebSocket, session_id: str, code: int, reason: str) -> None:
@@ -233,12 +245,14 @@ async def _close(websocket: WebSocket, session_id: str, code: int, reason: str) 
 
 
 async def _send(websocket: WebSocket, outbox: Outbox) -> None:
+    sent = EVENTS_SENT.labels("websocket")
     while True:
         item = await outbox.get()
         if is_event(item):
-            await websocket.send_text(_encoder.encode(item).decode())
+            # The same text, encoded once by the session's feed, goes to every client.
+            await websocket.send_text(item.text)
             outbox.last_sent_seq = item.seq
-            EVENTS_SENT.labels("websocket").inc()
+            sent.inc()
         else:
             await websocket.send_text(_encoder.encode(item).decode())
 

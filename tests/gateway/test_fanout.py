@@ -1,0 +1,166 @@
+"""Many streaming clients of one session share one JetStream consumer in the gateway."""
+
+import asyncio
+import json
+import time
+import uuid
+
+import httpx
+import pytest
+import websockets
+from nats.js import JetStreamContext
+from stepwise_gateway import pump
+from stepwise_libs import events as ev
+from stepwise_libs import subjects
+from stepwise_libs.jetstream import EventStore
+from websockets.asyncio.client import ClientConnection
+
+from .conftest import GatewayServer
+
+RECEIVE_TIMEOUT = 10.0
+
+
+async def session_consumers(js: JetStreamContext, session_id: str) -> int:
+    """Consumers on the events stream that read this session's subject."""
+    subject = subjects.session_events_subject(session_id)
+    infos = await js.consumers_info(subjects.EVENTS_STREAM)
+    return sum(1 for info in infos if info.config.filter_subject == subject)
+
+
+async def wait_for_consumers(
+    js: JetStreamContext, session_id: str, count: int, seconds: float = 20.0
+) -> None:
+    deadline = time.monotonic() + seconds
+    while (found := await session_consumers(js, session_id)) != count:
+        assert time.monotonic() < deadline, f"{found} consumers on the session, expected {count}"
+        await asyncio.sleep(0.1)
+
+
+async def append_progress(store: EventStore, session_id: str, count: int, tag: str) -> None:
+    for index in range(count):
+        await store.append(session_id, ev.PlanProgress(plan_id=tag, message=f"{tag}{index}"))
+
+
+async def read_events(socket: ClientConnection, count: int) -> list[str]:
+    """The next `count` event messages, as the exact text received."""
+    received: list[str] = []
+    while len(received) < count:
+        text = await asyncio.wait_for(socket.recv(), RECEIVE_TIMEOUT)
+        assert isinstance(text, str), "events must arrive as text frames"
+        if "seq" in json.loads(text):
+            received.append(text)
+    return received
+
+
+def seqs(texts: list[str]) -> list[int]:
+    return [json.loads(text)["seq"] for text in texts]
+
+
+async def test_clients_of_one_session_share_one_consumer(
+    gateway: GatewayServer, store: EventStore, js: JetStreamContext
+) -> None:
+    session_id = str(uuid.uuid4())
+    await append_progress(store, session_id, 5, "old")
+    base = f"{gateway.ws_url}/api/sessions/{session_id}/ws"
+    # Half replay the whole session, half resume after seq 2.
+    sinces = [0, 2] * 10
+    sockets = [await websockets.connect(f"{base}?since={since}") for since in sinces]
+    try:
+        replayed = await asyncio.gather(
+            *(read_events(socket, 5 - since) for socket, since in zip(sockets, sinces, strict=True))
+        )
+        consumers_streaming = await session_consumers(js, session_id)
+
+        await append_progress(store, session_id, 30, "live")
+        live = await asyncio.gather(*(read_events(socket, 30) for socket in sockets))
+        # A marker after the live events shows that none of them came twice.
+        await store.append(session_id, ev.BrowserClosed(reason="marker"))
+        markers = await asyncio.gather(*(read_events(socket, 1) for socket in sockets))
+    finally:
+        for socket in sockets:
+            await socket.close()
+
+    assert consumers_streaming == 1
+    for since, old, new, marker in zip(sinces, replayed, live, markers, strict=True):
+        assert seqs(old) == list(range(since + 1, 6))
+        assert seqs(new) == list(range(6, 36))
+        assert seqs(marker) == [36]
+    # Every client got the same text for each live event.
+    assert all(texts == live[0] for texts in live)
+    # The last client gone, the gateway drops the session's consumer.
+    await wait_for_consumers(js, session_id, 0)
+
+
+async def test_late_client_replays_then_joins_feed(
+    gateway: GatewayServer, store: EventStore, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A feed that caches 3 frames: a client that joins later must read the rest from the stream.
+    monkeypatch.setattr(pump, "CACHE_FRAMES", 3)
+    session_id = str(uuid.uuid4())
+    await append_progress(store, session_id, 1, "first")
+    base = f"{gateway.ws_url}/api/sessions/{session_id}/ws"
+    async with websockets.connect(f"{base}?since=0") as early:
+        assert seqs(await read_events(early, 1)) == [1]
+        await append_progress(store, session_id, 40, "before")
+        assert seqs(await read_events(early, 40)) == list(range(2, 42))
+
+        # Live events keep coming while the late client replays seq 1 to 41.
+        writer = asyncio.create_task(append_progress(store, session_id, 60, "during"))
+        async with websockets.connect(f"{base}?since=0") as late:
+            received = await read_events(late, 101)
+            await writer
+            early_rest = await read_events(early, 60)
+            await wait_for_consumers(js, session_id, 1)
+
+    assert seqs(received) == list(range(1, 102))
+    assert seqs(early_rest) == list(range(42, 102))
+    await wait_for_consumers(js, session_id, 0)
+
+
+async def test_sse_and_websocket_clients_share_the_feed(
+    gateway: GatewayServer, store: EventStore, js: JetStreamContext
+) -> None:
+    session_id = str(uuid.uuid4())
+    await append_progress(store, session_id, 3, "old")
+    frames: list[dict[str, str]] = []
+    sse_open, sse_read_all, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def read_sse() -> None:
+        async with (
+            httpx.AsyncClient(base_url=gateway.url, timeout=30) as http,
+            http.stream("GET", f"/api/sessions/{session_id}/stream") as response,
+        ):
+            frame: dict[str, str] = {}
+            async for line in response.aiter_lines():
+                if line == "":
+                    if "id" in frame:
+                        frames.append(frame)
+                        if len(frames) == 3:
+                            sse_open.set()
+                    frame = {}
+                    if len(frames) == 8:
+                        # Stay connected until the consumers are counted.
+                        sse_read_all.set()
+                        await release.wait()
+                        return
+                    continue
+                key, _, value = line.partition(": ")
+                frame[key] = value
+
+    reader = asyncio.create_task(read_sse())
+    await asyncio.wait_for(sse_open.wait(), RECEIVE_TIMEOUT)
+    async with websockets.connect(
+        f"{gateway.ws_url}/api/sessions/{session_id}/ws?since=3"
+    ) as socket:
+        await append_progress(store, session_id, 5, "live")
+        texts = await read_events(socket, 5)
+        await asyncio.wait_for(sse_read_all.wait(), RECEIVE_TIMEOUT)
+        try:
+            await wait_for_consumers(js, session_id, 1)
+        finally:
+            release.set()
+        await asyncio.wait_for(reader, RECEIVE_TIMEOUT)
+
+    assert [frame["id"] for frame in frames] == [str(seq) for seq in range(1, 9)]
+    assert seqs(texts) == list(range(4, 9))
+    assert [frame["data"] for frame in frames[3:]] == texts
