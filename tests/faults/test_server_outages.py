@@ -30,7 +30,12 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
 # The gateway's documented close code when NATS goes away (services/gateway/README.md).
 NATS_UNAVAILABLE = 1013
-POSTGRES_DOWN_SECONDS = 15.0
+POSTGRES_DOWN_SECONDS = 30.0
+# The projector's WARNING for each failed attempt to write a batch while Postgres is down.
+RETRY_WARNING = re.compile(
+    r"\bWARNING\b.*database unavailable, retrying the batch in (?P<delay>[\d.]+) s"
+    r".*\battempt=(?P<attempt>\d+)"
+)
 
 
 def _ws_url(stack: Stack, session_id: str, since: int = 0) -> str:
@@ -134,6 +139,18 @@ async def test_nats_restart_mid_run_loses_no_accepted_command() -> None:
         await assert_consistent(stack, [tailed, fresh, *accepted])
 
 
+async def _assert_reads_unavailable(client: httpx.AsyncClient, session_id: str) -> None:
+    """Assert that each read of the Postgres read models returns 503 with a JSON error body."""
+    _assert_error_body(await client.get("/api/sessions"), 503)
+    _assert_error_body(await client.get(f"/api/sessions/{session_id}"), 503)
+    assert (await client.get("/readyz")).status_code == 503
+
+
+def _batch_retries(log: str) -> list[tuple[int, float]]:
+    """Return (attempt, delay in seconds) of each WARNING the projector logged for a batch retry."""
+    return [(int(match["attempt"]), float(match["delay"])) for match in RETRY_WARNING.finditer(log)]
+
+
 async def test_postgres_stopped_mid_run_projector_catches_up() -> None:
     with fault_stack(names=WITHOUT_EXECUTOR) as stack:
         assert stack.postgres is not None
@@ -146,6 +163,9 @@ async def test_postgres_stopped_mid_run_projector_catches_up() -> None:
             tails = [await websockets.connect(_ws_url(stack, sid)) for sid in waiting]
             projector_log_offset = len(service_log(stack, "projector"))
 
+            def outage_log() -> str:
+                return service_log(stack, "projector")[projector_log_offset:]
+
             stack.postgres.stop()
             down_at = time.monotonic()
             stack.start_service("planner")
@@ -154,24 +174,51 @@ async def test_postgres_stopped_mid_run_projector_catches_up() -> None:
                 events = await _events_until(tail, PLAN_END, 60)
                 assert events[-1]["type"] == "plan_completed", events[-1]
                 await tail.close()
-            listed = await client.get("/api/sessions")
-            _assert_error_body(listed, 503)
-            detail = await client.get(f"/api/sessions/{first}")
-            if detail.status_code == 200:
-                assert detail.json().get("source") == "event_stream", detail.text
-            else:
-                _assert_error_body(detail, 503)
-            remaining = POSTGRES_DOWN_SECONDS - (time.monotonic() - down_at)
-            if remaining > 0:
-                await asyncio.sleep(remaining)  # the outage itself: nothing to wait on
+
+            read_checks = 0
+
+            async def outage_done() -> bool:
+                nonlocal read_checks
+                await _assert_reads_unavailable(client, first)
+                read_checks += 1
+                elapsed = time.monotonic() - down_at
+                return elapsed >= POSTGRES_DOWN_SECONDS and len(_batch_retries(outage_log())) >= 3
+
+            # The outage lasts until it is long enough and the projector has retried a few times,
+            # and the reads are checked once a second all along.
+            await eventually(
+                outage_done,
+                POSTGRES_DOWN_SECONDS + 60,
+                f"a {POSTGRES_DOWN_SECONDS:.0f} s outage with 3 projector retries",
+                every=1.0,
+            )
+            # At the end of the outage a new tail still streams a session from its first event.
+            late_tail = await websockets.connect(_ws_url(stack, first))
+            replayed = await _events_until(late_tail, PLAN_END, 30)
+            await late_tail.close()
             down_for = time.monotonic() - down_at
+            retries_during_outage = _batch_retries(outage_log())
             stack.postgres.start()
             await eventually(lambda: _gateway_ready(client), 60, "the gateway to reach Postgres")
+            listed = await client.get("/api/sessions")
 
+        assert down_for >= POSTGRES_DOWN_SECONDS, down_for
+        assert read_checks >= POSTGRES_DOWN_SECONDS / 2, read_checks
+        assert [event["seq"] for event in replayed] == list(range(1, len(replayed) + 1))
+        assert replayed[-1]["type"] == "plan_completed", replayed[-1]
+        assert listed.status_code == 200, listed.text
+
+        # Nothing lost: the read models catch up with every session, events of the outage included.
         await assert_consistent(stack, [first, *waiting])
-        outage_log = service_log(stack, "projector")[projector_log_offset:]
-        warnings = [line for line in outage_log.splitlines() if re.search(r"\bWARNING\b", line)]
-        assert warnings, f"the projector logged no WARNING during the outage:\n{outage_log[-2000:]}"
-        # Rate-limited: at most about one line a second, however fast it retries.
-        assert len(warnings) <= down_for + 5, "\n".join(warnings[-20:])
+
+        log = outage_log()
+        # One WARNING per attempt, numbered without a gap, with a growing delay between them.
+        attempts = [attempt for attempt, _ in retries_during_outage]
+        assert attempts == list(range(1, len(attempts) + 1)), "\n".join(log.splitlines()[-30:])
+        delays = [delay for _, delay in retries_during_outage]
+        assert max(delays) >= 4 * delays[0], delays
+        # Rate-limited by the backoff (0.5 s doubling to 10 s, with jitter): about 9 attempts in
+        # 30 s, and at most one WARNING per 2 s on average however long Postgres stays down.
+        assert len(attempts) <= down_for / 2, (len(attempts), down_for)
+        assert re.search(r"\bwrote the batch after \d+ attempts\b", log), log[-3000:]
         alive(stack, "gateway", "planner", "projector")
