@@ -10,6 +10,7 @@ import pytest
 from stepwise_libs.settings import redact_url
 
 from stepwise import nats_users
+from stepwise.stack import SERVICES, Stack, StackConfig
 
 
 def _mode(path: Path) -> int:
@@ -71,3 +72,14 @@ def test_url_with_credentials_and_redacted() -> None:
     assert redact_url(url) == "nats://planner:***@127.0.0.1:4222"
     assert redact_url("nats://token@127.0.0.1:4222") == "nats://***@127.0.0.1:4222"
     assert redact_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
+
+
+def test_given_nats_url_used_as_is(tmp_path: Path) -> None:
+    url = "nats://ops:0a1b2c@127.0.0.1:4222"
+    stack = Stack(StackConfig(home=tmp_path, nats_url=url))
+
+    for name in SERVICES:
+        assert stack._environment(name)["STEPWISE_NATS_URL"] == url, name
+    assert stack.nats_users_path is None
+    assert stack.nats_address == "nats://ops:***@127.0.0.1:4222"
+    assert not (tmp_path / nats_users.USERS_FILE).exists()
