@@ -39,6 +39,8 @@ def make_settings(
     def build(**env: str) -> ExecutorSettings:
         monkeypatch.setenv("STEPWISE_HOME", str(executor_home))
         monkeypatch.setenv("STEPWISE_STEP_TIMEOUT", "60")
+        # Every page these tests serve listens on 127.0.0.1.
+        monkeypatch.setenv("STEPWISE_ALLOWED_HOSTS", "127.0.0.1")
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         return ExecutorSettings()

@@ -72,6 +72,8 @@ def executor_process(nats_server: EmbeddedNats, tmp_path: Path) -> Iterator[Exec
         STEPWISE_EXECUTOR_ID=f"test-{uuid.uuid4().hex[:8]}",
         STEPWISE_STEP_TIMEOUT="60",
         STEPWISE_LOG_LEVEL="INFO",
+        # The sample site, the only site these tests serve, listens on 127.0.0.1.
+        STEPWISE_ALLOWED_HOSTS="127.0.0.1",
     )
     env.pop("GEMINI_API_KEY", None)
     env.pop("GOOGLE_API_KEY", None)

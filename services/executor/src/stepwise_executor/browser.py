@@ -8,7 +8,6 @@ import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import psutil
 from browser_use import BrowserProfile, BrowserSession
@@ -31,16 +30,6 @@ BASE_ARGS = [
     "--no-first-run",
 ]
 START_ATTEMPTS = 3
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
-
-
-def chromium_args(target_url: str) -> list[str]:
-    args = list(BASE_ARGS)
-    host = urlsplit(target_url).hostname or ""
-    if host in LOOPBACK_HOSTS:
-        # Keep a loopback test target from reaching any other host.
-        args.append("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")
-    return args
 
 
 class SessionBrowser:
@@ -83,7 +72,8 @@ class SessionBrowser:
             enable_default_extensions=False,
             user_data_dir=str(self.folder / "profile"),
             downloads_path=str(self.folder / "downloads"),
-            args=chromium_args(self.target_url),
+            # The runner attaches the egress guard (egress.py), which checks every page request.
+            args=list(BASE_ARGS),
             highlight_elements=False,
             dom_highlight_elements=False,
         )

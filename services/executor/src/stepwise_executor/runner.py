@@ -18,7 +18,15 @@ from stepwise_libs.fold import STEP_FAILED, STEP_PASSED, STEP_SKIPPED, SessionSt
 from stepwise_libs.jetstream import EventStore
 
 from .browser import SessionBrowser
-from .errors import BROWSER_ERROR, MODEL_ERROR, TIMEOUT, StepError, categorize_failure
+from .egress import EgressGuard
+from .errors import (
+    BROWSER_ERROR,
+    MODEL_ERROR,
+    NAVIGATION_BLOCKED,
+    TIMEOUT,
+    StepError,
+    categorize_failure,
+)
 from .models import RetryingChatModel, gemini_model, is_offline, offline_model
 from .settings import ExecutorSettings
 
@@ -138,6 +146,7 @@ class StepRunner:
         self.settings = settings
         self.state = state
         self.browser = browser
+        self.egress = EgressGuard(settings.allowed_hosts, state.session_id)
 
     async def append(self, payload: ev.Payload, command_id: str | None) -> ev.Event:
         return await self.store.append(self.state.session_id, payload, command_id=command_id)
@@ -189,7 +198,14 @@ class StepRunner:
         started = time.monotonic()
         if step_text is not None and is_offline(self.state.llm_model):
             task = step_text
+        blocked_before = len(self.egress.blocked_requests)
         outcome = await self._run_agent(task, task_id, step_number, command_id)
+        blocked_requests = self.egress.blocked_requests[blocked_before:]
+        if blocked_requests:
+            # A blocked navigation fails the step, whatever the agent made of the error page.
+            outcome.success = False
+            outcome.error = blocked_requests[0].message
+            outcome.category = NAVIGATION_BLOCKED
         outcome.duration_ms = int((time.monotonic() - started) * 1000)
         if self.browser.is_open:
             outcome.url = await self._page_url(screenshot_step)
@@ -241,13 +257,35 @@ class StepRunner:
                 BROWSER_ERROR,
             ) from error
 
+    async def _check_start_urls(self) -> None:
+        """Fail before a browser starts when the guard blocks the target URL or the last page."""
+        urls = [self.state.target_url, resume_url(self.state)]
+        for url in dict.fromkeys(url for url in urls if url):
+            blocked = await self.egress.check_url(url)
+            if blocked is not None:
+                self.egress.record(blocked)
+                raise StepError(blocked.message, NAVIGATION_BLOCKED)
+
+    async def _guard_egress(self, session: BrowserSession) -> None:
+        """Check every page request of a freshly started browser with the egress guard."""
+        try:
+            await self.egress.attach(session, getattr(self.browser, "context_id", None))
+        except Exception as error:
+            await self.browser.close()
+            raise StepError(
+                f"the egress guard could not watch the browser's requests: {error}", BROWSER_ERROR
+            ) from error
+
     async def _run_agent(
         self, task: str, task_id: str, step_number: int | None, command_id: str | None
     ) -> StepOutcome:
         try:
             fresh = not self.browser.is_open
+            if fresh:
+                await self._check_start_urls()
             session = await self.browser.start()
             if fresh:
+                await self._guard_egress(session)
                 await self._reopen_page(session)
             llm = self._model(task_id, step_number, command_id)
         except StepError as error:
@@ -272,6 +310,8 @@ class StepRunner:
             self.settings.step_timeout,
             use_vision=not is_offline(self.state.llm_model),
         )
+        # A blocked navigation ends the step after the agent's current action.
+        self.egress.on_blocked = lambda blocked: agent.stop()
         try:
             history = await asyncio.wait_for(
                 agent.run(max_steps=MAX_AGENT_STEPS, on_step_end=on_step_end),
@@ -292,6 +332,8 @@ class StepRunner:
                 error=f"the browser agent failed: {error}",
                 category=BROWSER_ERROR,
             )
+        finally:
+            self.egress.on_blocked = None
 
         thinking = "\n".join(
             item.model_output.thinking or item.model_output.next_goal or ""

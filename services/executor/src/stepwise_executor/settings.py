@@ -9,6 +9,8 @@ from pathlib import Path
 
 from stepwise_libs.settings import CommonSettings, SettingsError, env_float, env_str, gemini_api_key
 
+from .egress import ALLOWED_HOSTS_VARIABLE, AllowedHosts, parse_allowed_hosts
+
 
 def _executor_id() -> str:
     value = os.environ.get("STEPWISE_EXECUTOR_ID", "")
@@ -35,6 +37,10 @@ def _base_url() -> str | None:
     return value
 
 
+def _allowed_hosts() -> AllowedHosts:
+    return parse_allowed_hosts(os.environ.get(ALLOWED_HOSTS_VARIABLE, "").strip())
+
+
 @dataclass(frozen=True)
 class ExecutorSettings(CommonSettings):
     chromium: str = field(default_factory=_chromium)
@@ -48,6 +54,9 @@ class ExecutorSettings(CommonSettings):
     executor_id: str = field(default_factory=_executor_id)
     gemini_api_key: str | None = field(default_factory=gemini_api_key)
     gemini_base_url: str | None = field(default_factory=_base_url)
+    # Hosts a session's browser may load pages from although they resolve to a private,
+    # loopback or other non-public address.
+    allowed_hosts: AllowedHosts = field(default_factory=_allowed_hosts)
 
     @property
     def browsers_dir(self) -> Path:
