@@ -81,7 +81,12 @@ class ExecutorStack:
     async def __aenter__(self) -> ExecutorStack:
         self.nc, self.store = await self.bench.event_store("bench-controls")
         self.js = self.nc.jetstream()
-        env = self.bench.servers.env("", STEPWISE_HOME=str(self.home), STEPWISE_LOG_LEVEL="INFO")
+        env = self.bench.servers.env(
+            "",
+            STEPWISE_HOME=str(self.home),
+            STEPWISE_LOG_LEVEL="INFO",
+            STEPWISE_ALLOWED_HOSTS=self.site.host_port,
+        )
         env.pop("STEPWISE_DATABASE_URL")
         self.process = self.bench.servers.start_process(
             "executor", [_bin("stepwise-executor")], env

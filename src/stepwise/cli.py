@@ -7,6 +7,7 @@ test or its plan failed (or the stack could not start), 2 on bad usage.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import warnings
@@ -24,7 +25,14 @@ from rich.markup import escape
 from stepwise.gateway_client import GatewayClient, token_from_env
 from stepwise.runner import EXIT_FAILED, EXIT_PASSED, EXIT_USAGE, RunOutcome, SessionRun
 from stepwise.sample_site import sample_test_case, serve_sample_site
-from stepwise.stack import Stack, StackConfig, StackError, default_home, running_gateway
+from stepwise.stack import (
+    ALLOWED_HOSTS_VARIABLE,
+    Stack,
+    StackConfig,
+    StackError,
+    default_home,
+    running_gateway,
+)
 
 app = typer.Typer(
     name="stepwise",
@@ -378,7 +386,13 @@ def demo(
                 chosen_port = port
                 if chosen_port is None:
                     chosen_port = 0 if once else 8000
-                stack = _start_stack(StackConfig.from_env(host=host, port=chosen_port), stop)
+                config = StackConfig.from_env(host=host, port=chosen_port)
+                # The executor opens the sample shop on loopback, besides any host the user allows.
+                user_hosts = os.environ.get(ALLOWED_HOSTS_VARIABLE, "").strip()
+                config.extra_env[ALLOWED_HOSTS_VARIABLE] = ",".join(
+                    entry for entry in (user_hosts, site.host_port) if entry
+                )
+                stack = _start_stack(config, stop)
                 gateway_url = stack.gateway_url
                 _print_urls(stack)
             else:

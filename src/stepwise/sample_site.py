@@ -45,6 +45,12 @@ class SampleSite:
         host, port = self.server.server_address[:2]
         return f"http://{host!s}:{port}/"
 
+    @property
+    def host_port(self) -> str:
+        """Return `host:port` of the site, as an entry of STEPWISE_ALLOWED_HOSTS."""
+        host, port = self.server.server_address[:2]
+        return f"{host!s}:{port}"
+
     def stop(self) -> None:
         """Stop serving and close the listening socket."""
         self.server.shutdown()

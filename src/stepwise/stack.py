@@ -13,6 +13,7 @@ file keeps a second supervisor off the same data folder.
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -53,6 +54,10 @@ STABLE_SECONDS = 60.0
 MAX_BACKOFF_SECONDS = 30.0
 STATE_FILE = "stack.json"
 LOCK_FILE = "stack.lock"
+# The executor blocks pages on private and loopback hosts unless this variable lists them.
+ALLOWED_HOSTS_VARIABLE = "STEPWISE_ALLOWED_HOSTS"
+# Its value on a stack whose gateway listens on loopback and whose user did not set it.
+LOOPBACK_ALLOWED_HOSTS = "127.0.0.1,localhost,::1"
 
 Reporter = Callable[[str, str], None]
 
@@ -147,6 +152,15 @@ class Service:
         return "\n".join(self.log_since_start().splitlines()[-lines:])
 
 
+def is_loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def service_command(name: str) -> list[str]:
     """Return the command that runs `stepwise-<name>` from this Python environment."""
     script = Path(sys.executable).parent / f"stepwise-{name}"
@@ -219,6 +233,7 @@ class Stack:
             self._choose_port()
             self._start_servers()
             self._migrate()
+            self._report_allowed_hosts()
             for name in SERVICES:
                 self._start_service(name)
             # Written before the wait, so that a later supervisor can clean up after
@@ -327,7 +342,27 @@ class Stack:
             # browser-use 0.13 contacts the internet at start unless these are false.
             env.setdefault("ANONYMIZED_TELEMETRY", "false")
             env.setdefault("BROWSER_USE_VERSION_CHECK", "false")
+            if self._allows_loopback_by_default():
+                env[ALLOWED_HOSTS_VARIABLE] = LOOPBACK_ALLOWED_HOSTS
         return env
+
+    def _allows_loopback_by_default(self) -> bool:
+        """Tell whether the executor gets LOOPBACK_ALLOWED_HOSTS: the gateway listens on
+        loopback, so only this machine's users can start sessions, and the user set no
+        STEPWISE_ALLOWED_HOSTS of their own."""
+        value = self.config.extra_env.get(ALLOWED_HOSTS_VARIABLE)
+        if value is None:
+            value = os.environ.get(ALLOWED_HOSTS_VARIABLE, "")
+        return not value.strip() and is_loopback_host(self.config.host)
+
+    def _report_allowed_hosts(self) -> None:
+        if self._allows_loopback_by_default():
+            self.report(
+                "info",
+                f"the executor may open pages on loopback ({LOOPBACK_ALLOWED_HOSTS}) because "
+                f"the gateway listens on {self.config.host}; set {ALLOWED_HOSTS_VARIABLE} "
+                "to choose the allowed hosts yourself",
+            )
 
     def _migrate(self) -> None:
         self.report("info", "running the database migrations")

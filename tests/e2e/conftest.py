@@ -29,6 +29,8 @@ OFFLINE_ENV = {
     "STEPWISE_DEFAULT_MODEL": "offline",
     "ANONYMIZED_TELEMETRY": "false",
     "BROWSER_USE_VERSION_CHECK": "false",
+    # Every site these tests serve listens on 127.0.0.1.
+    "STEPWISE_ALLOWED_HOSTS": "127.0.0.1",
 }
 
 

@@ -33,6 +33,8 @@ OFFLINE_ENV = {
     "STEPWISE_DEFAULT_MODEL": "offline",
     "ANONYMIZED_TELEMETRY": "false",
     "BROWSER_USE_VERSION_CHECK": "false",
+    # Every site these tests serve listens on 127.0.0.1, as does TARGET_URL.
+    "STEPWISE_ALLOWED_HOSTS": "127.0.0.1",
 }
 TARGET_URL = "http://127.0.0.1:9/"
 TEST_CASE = '1. Open the login page\n2. Type "standard_user" into "Username"\n3. Click "Login"'
