@@ -44,7 +44,11 @@ class LiveSession:
         self.settings = settings
         self.state = state
         self.browser = SessionBrowser(
-            state.session_id, settings.chromium, settings.browsers_dir, state.target_url
+            state.session_id,
+            settings.chromium,
+            settings.browsers_dir,
+            state.target_url,
+            cdp_url=settings.browser_cdp_url,
         )
         self.runner = StepRunner(js, store, settings, state, self.browser)
         self.task: asyncio.Task[None] | None = None
@@ -268,9 +272,9 @@ class LiveSession:
         task = self.task
         if task is not None and not task.done():
             task.cancel()
-        # Kill Chromium first, so nothing more is typed even while the task unwinds. The
-        # kill waits for the processes to exit, so it runs off the event loop.
-        await asyncio.to_thread(self.browser.kill_processes)
+        # Kill Chromium first (or close an attached session's pages), so nothing more is
+        # typed even while the task unwinds. The kill runs off the event loop.
+        await self.browser.halt()
         if task is not None:
             # The task is cancelled and its browser is gone; it only has cleanup left.
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -6,6 +6,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from stepwise_libs.settings import CommonSettings, SettingsError, env_float, env_str, gemini_api_key
 
@@ -23,8 +24,31 @@ def _executor_id() -> str:
     return value or f"{socket.gethostname()}-{os.getpid()}".replace(".", "-")
 
 
+def _browser_cdp_url() -> str | None:
+    value = os.environ.get("STEPWISE_BROWSER_CDP_URL", "").strip() or None
+    if value is None:
+        return None
+    expected = (
+        "an http://, https://, ws:// or wss:// URL of a Chromium DevTools endpoint,"
+        " such as http://browser-pool:9222"
+    )
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise SettingsError("STEPWISE_BROWSER_CDP_URL", value, expected) from None
+    if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
+        raise SettingsError("STEPWISE_BROWSER_CDP_URL", value, expected)
+    if port == 0:
+        raise SettingsError("STEPWISE_BROWSER_CDP_URL", value, expected)
+    return value
+
+
 def _chromium() -> str:
     value = env_str("STEPWISE_CHROMIUM", "/usr/bin/chromium")
+    if _browser_cdp_url() is not None:
+        # An attached browser runs elsewhere, so the local binary is not used.
+        return value
     if not Path(value).is_file() or not os.access(value, os.X_OK):
         raise SettingsError("STEPWISE_CHROMIUM", value, "the path of an executable Chromium binary")
     return value
@@ -43,6 +67,8 @@ def _allowed_hosts() -> AllowedHosts:
 
 @dataclass(frozen=True)
 class ExecutorSettings(CommonSettings):
+    # DevTools endpoint of a running Chromium to attach to instead of launching one.
+    browser_cdp_url: str | None = field(default_factory=_browser_cdp_url)
     chromium: str = field(default_factory=_chromium)
     home: Path = field(
         default_factory=lambda: Path(env_str("STEPWISE_HOME", "./.stepwise")).resolve()
