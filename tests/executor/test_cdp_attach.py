@@ -213,7 +213,7 @@ async def run_watched(
     return events, watch
 
 
-async def test_attached_session_runs_in_the_remote_browser(
+async def test_attached_session_uses_remote_browser(
     attached_executor: ExecutorProcess,
     remote_chromium: RemoteChromium,
     nats_client: NATS,
@@ -254,7 +254,7 @@ async def test_attached_session_runs_in_the_remote_browser(
     assert "attached to remote browser" in attached_executor.log()
 
 
-async def test_cancel_closes_only_the_session_pages(
+async def test_cancel_closes_only_session_pages(
     attached_executor: ExecutorProcess,
     remote_chromium: RemoteChromium,
     nats_client: NATS,
@@ -294,8 +294,7 @@ async def test_cancel_closes_only_the_session_pages(
             await asyncio.sleep(0.05)
 
     await asyncio.wait_for(pages_gone(), timeout=10)
-    # The step would wait 60 s; pages closed within a few seconds show that cancel did not
-    # wait for it (the bound leaves room for a loaded two-core machine).
+    # Step 2 waits 60 s, so pages closed within 5 s show that cancel did not wait for it.
     assert loop.time() - sent_at < 5.0, "cancel took too long to close the session's pages"
     events = await wait_for_event(store, sid, "browser_closed", within=30)
     types = types_of(events)
@@ -309,7 +308,7 @@ async def test_cancel_closes_only_the_session_pages(
     assert session_pages & {target["id"] for target in remote_chromium.targets()} == set()
 
 
-async def test_unreachable_remote_browser_fails_the_step(
+async def test_unreachable_remote_browser_fails_step(
     sample_site: SampleSite, tmp_path: Path
 ) -> None:
     # A NATS server of its own: the attached executor above must not take this session.
@@ -342,7 +341,7 @@ async def test_unreachable_remote_browser_fails_the_step(
         nats_server.stop()
 
 
-async def test_two_attached_sessions_do_not_share_cookies(
+async def test_attached_sessions_keep_separate_cookies(
     remote_chromium: RemoteChromium, sample_site: SampleSite, tmp_path: Path
 ) -> None:
     first = SessionBrowser("first", CHROMIUM, tmp_path, "", cdp_url=remote_chromium.http_url)
@@ -367,10 +366,17 @@ async def test_two_attached_sessions_do_not_share_cookies(
         await evaluate(first, "document.cookie = 'owner=first; path=/'")
         assert await evaluate(first, "document.cookie") == "owner=first"
         assert await evaluate(second, "document.cookie") == ""
-        # Each session's tab belongs to its own context in the remote browser.
-        assert first.session is not None and first.session.agent_focus_target_id
-        assert second.session is not None and second.session.agent_focus_target_id
-        assert first.session.agent_focus_target_id != second.session.agent_focus_target_id
+        # Each session's focused page belongs to its own context in the remote browser.
+        assert first.session is not None
+        targets = await first.session.cdp_client.send.Target.getTargets()
+        context_of = {
+            info["targetId"]: info.get("browserContextId") for info in targets["targetInfos"]
+        }
+        for browser in (first, second):
+            assert browser.session is not None
+            focused = browser.session.agent_focus_target_id
+            assert focused is not None
+            assert context_of[focused] == browser.context_id
     finally:
         await first.close()
         await second.close()
@@ -382,7 +388,7 @@ async def test_two_attached_sessions_do_not_share_cookies(
     "value",
     ["browser-pool:9222", "ftp://browser-pool:9222", "http://", "ws://:9222", "http://pool:x"],
 )
-def test_settings_reject_a_bad_cdp_url(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+def test_settings_reject_bad_cdp_url(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("STEPWISE_BROWSER_CDP_URL", value)
     with pytest.raises(SettingsError) as raised:
         ExecutorSettings()
@@ -399,7 +405,7 @@ def test_settings_reject_a_bad_cdp_url(monkeypatch: pytest.MonkeyPatch, value: s
         "wss://pool.example.test/devtools/browser/abc",
     ],
 )
-def test_settings_accept_a_cdp_url_without_local_chromium(
+def test_settings_accept_cdp_url_without_chromium(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str
 ) -> None:
     monkeypatch.setenv("STEPWISE_BROWSER_CDP_URL", value)
@@ -408,7 +414,7 @@ def test_settings_accept_a_cdp_url_without_local_chromium(
     assert settings.browser_cdp_url == value
 
 
-def test_executor_stops_at_start_on_a_bad_cdp_url(tmp_path: Path) -> None:
+def test_bad_cdp_url_stops_executor(tmp_path: Path) -> None:
     env = dict(os.environ, STEPWISE_HOME=str(tmp_path), STEPWISE_BROWSER_CDP_URL="pool:9222")
     result = subprocess.run([EXECUTOR], env=env, capture_output=True, timeout=60, check=False)
     assert result.returncode == 2
