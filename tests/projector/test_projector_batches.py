@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from nats.aio.client import Client as NATS
 from projector_scenarios import append_sessions
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.ext.asyncio import AsyncEngine
 from stepwise_libs import events as ev
 from stepwise_libs import subjects
@@ -201,3 +202,35 @@ async def test_value_postgres_rejects_is_skipped(
     assert [record.position for record in skipped] == [  # type: ignore[attr-defined]
         record.position for record in records if record.event and record.event.session_id == bad
     ]
+
+
+async def test_batch_statements_do_not_grow_with_sessions(
+    engine: AsyncEngine,
+    store: EventStore,
+    js_client: NATS,
+    events_nats: EmbeddedNats,
+    database_url: str,
+) -> None:
+    # Arrange: every scenario three times, each in its own session, in one batch.
+    await append_sessions(store, rounds=3)
+    records = await _stream_records(js_client)
+    sessions = {record.event.session_id for record in records if record.event is not None}
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany) -> None:
+        statements.append(statement)
+
+    sqlalchemy_event.listen(engine.sync_engine, "before_cursor_execute", count)
+
+    # Act
+    try:
+        result = await Projector(engine, js_client.jetstream()).apply(records)
+    finally:
+        sqlalchemy_event.remove(engine.sync_engine, "before_cursor_execute", count)
+
+    # Assert: the lock, one insert of the events, one upsert per table, one delete per
+    # table except sessions, one notify and the new position, whatever the session count.
+    assert len(sessions) >= 10
+    assert result.applied == len(records)
+    assert len(statements) <= 12, "\n".join(statements)
+    await assert_read_models_match_stream(database_url, events_nats.url)

@@ -6,10 +6,22 @@ commits, so the rows and the position they came from land together.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, select, text, tuple_
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Integer,
+    Text,
+    bindparam,
+    delete,
+    select,
+    text,
+    tuple_,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from stepwise_libs import readmodel
 from stepwise_libs.events import Event
@@ -78,20 +90,56 @@ def event_row(event: Event) -> dict[str, Any]:
     }
 
 
+# One INSERT for a whole batch: each column arrives as one array parameter. Rows already
+# stored (same position, event id or session and seq) are skipped, so a redelivered batch
+# inserts nothing twice.
+_INSERT_EVENTS = text(
+    "INSERT INTO events (position, session_id, seq, event_id, type, at, command_id, version, data)"
+    " SELECT position, session_id, seq, event_id, type, at, command_id, version, data::jsonb"
+    " FROM unnest(:position, :session_id, :seq, :event_id, :type, :at, :command_id, :version,"
+    " :data) AS batch(position, session_id, seq, event_id, type, at, command_id, version, data)"
+    " ON CONFLICT DO NOTHING"
+).bindparams(
+    bindparam("position", type_=ARRAY(BigInteger)),
+    bindparam("session_id", type_=ARRAY(Text)),
+    bindparam("seq", type_=ARRAY(Integer)),
+    bindparam("event_id", type_=ARRAY(Text)),
+    bindparam("type", type_=ARRAY(Text)),
+    bindparam("at", type_=ARRAY(DateTime(timezone=True))),
+    bindparam("command_id", type_=ARRAY(Text)),
+    bindparam("version", type_=ARRAY(Integer)),
+    bindparam("data", type_=ARRAY(Text)),
+)
+
+
 async def insert_events(connection: AsyncConnection, events: list[Event]) -> None:
-    """Insert the event rows; a row already stored (same position, id or seq) is left as is."""
+    """Insert the event rows in one statement, leaving any row already stored as it is."""
     if not events:
         return
-    statement = insert(readmodel.events).on_conflict_do_nothing()
-    await connection.execute(statement, [event_row(event) for event in events])
+    rows = [event_row(event) for event in events]
+    columns: dict[str, list[Any]] = {name: [row[name] for row in rows] for name in rows[0]}
+    columns["data"] = [json.dumps(data) for data in columns["data"]]
+    await connection.execute(_INSERT_EVENTS, columns)
 
 
-async def write_session(connection: AsyncConnection, state: SessionState) -> None:
-    """Make the session-derived rows of one session equal `session_rows(state)`."""
-    rows = readmodel.session_rows(state)
+async def write_sessions(connection: AsyncConnection, states: Sequence[SessionState]) -> None:
+    """Make the session-derived rows of these sessions equal `session_rows` of each state.
+
+    One upsert and one delete per table cover every session of the batch, so a batch
+    costs the same number of statements whether it touches one session or hundreds.
+    """
+    if not states:
+        return
+    all_rows: dict[str, list[dict[str, Any]]] = {
+        table.name: [] for table in readmodel.SESSION_TABLES
+    }
+    for state in states:
+        for name, table_rows in readmodel.session_rows(state).items():
+            all_rows[name].extend(table_rows)
+    session_ids = [state.session_id for state in states]
     for table in readmodel.SESSION_TABLES:
         keys = _KEYS[table.name]
-        table_rows = rows[table.name]
+        table_rows = all_rows[table.name]
         if table_rows:
             statement = insert(table)
             updates = {
@@ -106,9 +154,9 @@ async def write_session(connection: AsyncConnection, state: SessionState) -> Non
         if table is readmodel.sessions:
             continue
 
-        # Rows of this session that the state no longer has, such as plans of a
+        # Rows of these sessions that their states no longer have, such as plans of a
         # state rebuilt after a retention limit dropped old events.
-        stale = delete(table).where(table.c.session_id == state.session_id)
+        stale = delete(table).where(table.c.session_id.in_(session_ids))
         if table_rows and len(keys) == 1:
             stale = stale.where(table.c[keys[0]].not_in([row[keys[0]] for row in table_rows]))
         elif table_rows:
@@ -119,11 +167,17 @@ async def write_session(connection: AsyncConnection, state: SessionState) -> Non
         await connection.execute(stale)
 
 
-async def notify_projected(connection: AsyncConnection, state: SessionState) -> None:
-    """Queue a `<session_id>:<last_seq>` notice; Postgres delivers it on commit."""
-    await connection.execute(
-        select(func.pg_notify(NOTIFY_CHANNEL, f"{state.session_id}:{state.last_seq}"))
-    )
+_NOTIFY_ALL = text("SELECT pg_notify(:channel, notice) FROM unnest(:notices) AS notice").bindparams(
+    bindparam("notices", type_=ARRAY(Text))
+)
+
+
+async def notify_projected_all(connection: AsyncConnection, states: Sequence[SessionState]) -> None:
+    """Queue one `<session_id>:<last_seq>` notice per session, which Postgres sends on commit."""
+    if not states:
+        return
+    notices = [f"{state.session_id}:{state.last_seq}" for state in states]
+    await connection.execute(_NOTIFY_ALL, {"channel": NOTIFY_CHANNEL, "notices": notices})
 
 
 async def truncate_read_models(connection: AsyncConnection) -> None:

@@ -104,9 +104,8 @@ class Projector:
                 states = await self._fold(events)
 
                 await database.insert_events(connection, events)
-                for state in states.values():
-                    await database.write_session(connection, state)
-                    await database.notify_projected(connection, state)
+                await database.write_sessions(connection, list(states.values()))
+                await database.notify_projected_all(connection, list(states.values()))
                 position = fresh[-1].position
                 await database.set_position(connection, position)
         except BaseException:
