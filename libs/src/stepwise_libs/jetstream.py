@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import nats
 from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext, api
 from nats.js.errors import (
@@ -118,11 +119,39 @@ async def connect(url: str, name: str) -> NATS:
     )
 
 
-async def ensure_topology(js: JetStreamContext, replicas: int = 1) -> None:
+async def ensure_topology(
+    js: JetStreamContext, replicas: int = 1, unavailable_timeout: float = 60.0
+) -> None:
     """Create the streams, KV buckets and object store, or bring their config up to date.
 
-    Safe to call from every service at start-up, any number of times.
+    Safe to call from every service at start-up, any number of times. While JetStream
+    is unavailable (a cluster electing its meta leader after a node died, or still
+    forming), it retries for up to `unavailable_timeout` seconds, then raises the error.
     """
+    deadline = time.monotonic() + unavailable_timeout
+    attempt = 0
+    while True:
+        try:
+            await _create_topology(js, replicas)
+            return
+        except (NatsTimeoutError, NoRespondersError, NoStreamResponseError, APIError) as error:
+            # A forming or electing cluster answers with a 5xx code, such as 503
+            # "JetStream system temporarily unavailable"; any other API error is final.
+            if isinstance(error, APIError) and error.code not in (500, 503):
+                raise
+            attempt += 1
+            if time.monotonic() >= deadline:
+                raise
+            logger.warning(
+                "creating the JetStream topology failed (%s: %s), retrying",
+                type(error).__name__,
+                error,
+                extra={"attempt": attempt},
+            )
+            await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+
+
+async def _create_topology(js: JetStreamContext, replicas: int) -> None:
     events = api.StreamConfig(
         name=subjects.EVENTS_STREAM,
         subjects=[f"{subjects.EVENTS_PREFIX}.*"],
