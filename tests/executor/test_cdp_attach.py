@@ -23,8 +23,10 @@ import psutil
 import pytest
 from nats.aio.client import Client as NATS
 from stepwise_executor.browser import SessionBrowser
+from stepwise_executor.errors import BrowserStartError
 from stepwise_executor.settings import ExecutorSettings
 from stepwise_libs import commands as cmd
+from stepwise_libs import subjects
 from stepwise_libs.fold import fold
 from stepwise_libs.jetstream import EventStore, connect, ensure_topology
 from stepwise_libs.settings import SettingsError
@@ -308,6 +310,54 @@ async def test_cancel_closes_only_session_pages(
     assert session_pages & {target["id"] for target in remote_chromium.targets()} == set()
 
 
+async def test_pause_act_stop_all_when_attached(
+    attached_executor: ExecutorProcess,
+    remote_chromium: RemoteChromium,
+    nats_client: NATS,
+    sample_site: SampleSite,
+) -> None:
+    store = EventStore(nats_client.jetstream())
+    state = await create_planned_session(store, LOGIN, sample_site.base_url)
+    sid = state.session_id
+    await send(nats_client, sid, cmd.ExecutePlan(task_id="run-pause"))
+    await wait_for_event(store, sid, "step_started", within=120, match=step_started(2))
+    pause = await send(nats_client, sid, cmd.PauseExecution())
+    events = await wait_for_event(store, sid, "execution_paused", within=60)
+    assert events[-1].command_id == pause.command_id
+    assert fold(sid, await store.read(sid)).status == "paused"
+    # Paused, the session keeps its page open in the remote browser.
+    paused_pages = remote_chromium.page_ids(sample_site.base_url)
+    assert paused_pages
+
+    act = await send(nats_client, sid, cmd.Act(task_id="act-1", task="Open the login page"))
+    events, watch = await run_watched(
+        store,
+        sid,
+        "act_mode_completed",
+        120,
+        attached_executor,
+        remote_chromium,
+        sample_site.base_url,
+    )
+    completed = events[-1]
+    assert completed.command_id == act.command_id
+    assert [action["name"] for action in completed.data["actions"]] == ["navigate"]
+    screenshots = await nats_client.jetstream().object_store(subjects.SCREENSHOTS_BUCKET)
+    image = await screenshots.get(completed.data["screenshot"])
+    assert image.data is not None
+    assert image.data.startswith(b"\x89PNG")
+    assert watch.chromium_children == set()
+    session_pages = paused_pages | watch.session_pages
+
+    stop = await send(nats_client, sid, cmd.StopAll())
+    events = await wait_for_event(store, sid, "browser_closed", within=60)
+    assert events[-1].command_id == stop.command_id
+    assert events[-1].data["reason"] == "stop_all"
+    assert fold(sid, await store.read(sid)).status == "stopped"
+    remote_chromium.assert_alive()
+    assert session_pages & {target["id"] for target in remote_chromium.targets()} == set()
+
+
 async def test_unreachable_remote_browser_fails_step(
     sample_site: SampleSite, tmp_path: Path
 ) -> None:
@@ -339,6 +389,20 @@ async def test_unreachable_remote_browser_fails_step(
             executor.stop()
         await client.close()
         nats_server.stop()
+
+
+async def test_unreachable_websocket_url_fails_start(tmp_path: Path) -> None:
+    dead_url = f"ws://127.0.0.1:{free_port()}/devtools/browser/none"
+    browser = SessionBrowser("dead", CHROMIUM, tmp_path, "", cdp_url=dead_url)
+    started = time.monotonic()
+    with pytest.raises(BrowserStartError) as raised:
+        await browser.start()
+    assert time.monotonic() - started < 20
+    assert dead_url in raised.value.message
+    assert "unreachable" in raised.value.message
+    assert raised.value.category == "browser_error"
+    assert not browser.is_open
+    assert browser.kill_processes() == []
 
 
 async def test_attached_sessions_keep_separate_cookies(
