@@ -44,6 +44,10 @@ PUBLISH_TABLE = [
     ("stepwise.events.3f1c", {"gateway", "planner", "executor"}),
     ("stepwise.executor.inbox.executor-0", {"executor"}),
     ("$KV.stepwise_leases.3f1c", {"executor"}),
+    # Secret values: the gateway writes them, only the executor reads them.
+    ("$KV.stepwise_secrets.3f1c", {"gateway", "executor"}),
+    ("$JS.API.DIRECT.GET.KV_stepwise_secrets.$KV.stepwise_secrets.3f1c", {"executor"}),
+    ("$JS.API.STREAM.MSG.GET.KV_stepwise_secrets", {"executor"}),
     ("$O.stepwise_screenshots.C.abc", {"executor"}),
     ("$JS.ACK.STEPWISE_COMMANDS.planner.1.2.3.4.5", {"planner"}),
     ("$JS.ACK.STEPWISE_COMMANDS.executor.1.2.3.4.5", {"executor"}),

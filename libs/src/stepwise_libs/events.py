@@ -43,6 +43,8 @@ class SessionCreated(Payload):
     target_url: str
     llm_model: str
     title: str = ""
+    # Names of the secrets supplied with the session; their values are never in an event.
+    secret_names: list[str] = []
 
 
 class PlanStarted(Payload):

@@ -105,6 +105,8 @@ class SessionState:
     act_history: list[str] = field(default_factory=list)
     # The page of the last step or act-mode instruction, from its event's `url`.
     last_url: str = ""
+    # Names of the secrets supplied with the session (the values are in the secrets bucket).
+    secret_names: list[str] = field(default_factory=list)
 
     @property
     def plan_ready(self) -> bool:
@@ -198,6 +200,7 @@ def _session_created(state: SessionState, data: ev.SessionCreated, event: Event)
     state.target_url = data.target_url
     state.llm_model = data.llm_model
     state.title = data.title
+    state.secret_names = list(data.secret_names)
     state.created_at = event.at
     state.status = CREATED
 

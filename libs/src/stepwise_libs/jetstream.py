@@ -36,6 +36,9 @@ CONTROL_TTL_SECONDS = 300.0
 LEASE_TTL_SECONDS = 10.0
 COMMAND_DUPLICATE_WINDOW_SECONDS = 600.0
 EVENT_DUPLICATE_WINDOW_SECONDS = 120.0
+# Secret values expire a day after a session was created, unless the session's run
+# ends first (the executor purges them then).
+SECRETS_TTL_SECONDS = 24 * 3600.0
 # Seconds without a message after which a tail checks whether its consumer has stalled.
 TAIL_IDLE_SECONDS = 5.0
 # The same for a read, which starts only when more events are stored, so it checks sooner.
@@ -183,6 +186,20 @@ async def _create_topology(js: JetStreamContext, replicas: int) -> None:
             await js.create_key_value(
                 api.KeyValueConfig(bucket=bucket, ttl=ttl, history=1, replicas=replicas)
             )
+    try:
+        await js.key_value(subjects.SECRETS_BUCKET)
+    except BucketNotFoundError:
+        # Memory storage: the values are never written to the server's disk, and a
+        # nats-server restart loses them (a step that needs them then fails, saying so).
+        await js.create_key_value(
+            api.KeyValueConfig(
+                bucket=subjects.SECRETS_BUCKET,
+                ttl=SECRETS_TTL_SECONDS,
+                history=1,
+                replicas=replicas,
+                storage=api.StorageType.MEMORY,
+            )
+        )
     try:
         await js.object_store(subjects.SCREENSHOTS_BUCKET)
     except BucketNotFoundError:

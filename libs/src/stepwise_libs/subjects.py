@@ -18,6 +18,8 @@ PROJECTOR_CONSUMER = "projector"
 CONTROL_BUCKET = "stepwise_control"
 LEASES_BUCKET = "stepwise_leases"
 SCREENSHOTS_BUCKET = "stepwise_screenshots"
+# Secret values of sessions, key = session id; see stepwise_libs.secrets.
+SECRETS_BUCKET = "stepwise_secrets"
 
 # Core NATS subject on which one executor instance receives commands forwarded
 # from other replicas for sessions whose browser it owns.

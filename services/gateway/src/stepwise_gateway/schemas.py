@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 
 class Body(BaseModel):
@@ -30,6 +30,15 @@ class CreateSessionRequest(Body):
         default=None,
         description="'offline', or a Gemini model such as 'gemini-2.5-flash' (needs "
         "GEMINI_API_KEY or GOOGLE_API_KEY). Default: the server's default model.",
+    )
+    secrets: dict[str, SecretStr] | None = Field(
+        default=None,
+        description="Values of the `{{name}}` placeholders in the test case, by name: at most "
+        "50, names of a letter or underscore and then up to 63 letters, digits or "
+        "underscores, values of 1 to 4,096 bytes (UTF-8). Every placeholder of the test case "
+        "needs a value. The values are typed into the browser in place of the placeholders "
+        "and never appear in events, logs, read models or responses.",
+        examples=[{"password": "the password"}],
     )
 
 
@@ -76,6 +85,9 @@ class SessionCreatedResponse(BaseModel):
         description="Seq of the session_created event; pass it as wait_for_seq to read your write."
     )
     command_id: str = Field(description="Id of the generate_plan command queued for the planner.")
+    secret_names: list[str] = Field(
+        default_factory=list, description="Names of the secrets supplied; never their values."
+    )
 
 
 class QueuedResponse(BaseModel):

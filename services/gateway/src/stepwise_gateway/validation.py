@@ -6,6 +6,12 @@ import re
 import unicodedata
 from urllib.parse import urlsplit
 
+from stepwise_libs.secrets import (
+    MAX_SECRET_VALUE_BYTES,
+    MAX_SECRETS,
+    SECRET_NAME,
+    placeholders,
+)
 from stepwise_libs.settings import OFFLINE_MODEL
 
 from .errors import InvalidInput, SessionNotFound
@@ -108,6 +114,45 @@ def check_model(
         "such as 'gemini-2.5-flash'",
         field=field,
     )
+
+
+def check_secrets(secrets: dict[str, str] | None, test_case: str) -> dict[str, str]:
+    """Return the secret values if every name is valid and every placeholder has a value.
+
+    No message names a value: they are secrets, and error bodies end up in logs.
+    """
+    secrets = secrets or {}
+    field = "secrets"
+    if len(secrets) > MAX_SECRETS:
+        raise InvalidInput(
+            f"{field} has {len(secrets)} entries, more than the maximum of {MAX_SECRETS}",
+            field=field,
+        )
+    for name, value in secrets.items():
+        if not SECRET_NAME.fullmatch(name):
+            raise InvalidInput(
+                f"{field} has the invalid name {name[:80]!r}: a name is a letter or underscore "
+                "and then up to 63 letters, digits or underscores, as in {{password}}",
+                field=field,
+            )
+        if not value:
+            raise InvalidInput(f"{field}.{name} must not be empty", field=f"{field}.{name}")
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > MAX_SECRET_VALUE_BYTES:
+            raise InvalidInput(
+                f"{field}.{name} has {size:,} bytes, more than the maximum of "
+                f"{MAX_SECRET_VALUE_BYTES:,} bytes",
+                field=f"{field}.{name}",
+            )
+    for name in placeholders(test_case):
+        if name not in secrets:
+            raise InvalidInput(
+                f"test_case uses the placeholder {{{{{name}}}}}, but {field} has no value for "
+                f"{name!r}; add it to {field}, as in "
+                f'"{field}": {{"{name}": "..."}}',
+                field=f"{field}.{name}",
+            )
+    return secrets
 
 
 def check_session_id(session_id: str) -> str:

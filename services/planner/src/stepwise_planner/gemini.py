@@ -62,6 +62,8 @@ Write each step in one of these phrase forms where possible, with labels and val
 in double quotes exactly as the test case gives them:
 {_forms}
 When no form fits, write the step as one short imperative sentence.
+Keep every placeholder written as {{{{name}}}} exactly as the test case gives it: it stands
+for a secret value that is filled in when the step runs.
 Do not number the steps. Do not invent steps the test case does not ask for.
 Put any part of the input that cannot become a browser step into "unparsed", verbatim.
 The browser starts on a blank page: unless the test case says otherwise, the first step

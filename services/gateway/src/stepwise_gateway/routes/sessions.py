@@ -13,6 +13,7 @@ from stepwise_libs.commands import GeneratePlan, new_command
 from stepwise_libs.events import SessionCreated
 from stepwise_libs.fold import fold
 from stepwise_libs.jetstream import publish_command
+from stepwise_libs.secrets import store_secrets
 
 from stepwise_gateway.controls import IDEMPOTENCY_NAMESPACE
 from stepwise_gateway.dependencies import get_runtime, idempotency_key_header, session_id_path
@@ -36,6 +37,7 @@ from stepwise_gateway.schemas import (
 from stepwise_gateway.validation import (
     MAX_TEST_CASE_CHARS,
     check_model,
+    check_secrets,
     check_target_url,
     check_text,
 )
@@ -83,6 +85,11 @@ async def create_session(
         default=settings.default_model,
         gemini_configured=settings.gemini_configured,
     )
+    secrets = check_secrets(
+        {name: value.get_secret_value() for name, value in (request.secrets or {}).items()},
+        test_case,
+    )
+    secret_names = list(secrets)
     js, store = runtime.jetstream()
 
     if idempotency_key is None:
@@ -101,6 +108,17 @@ async def create_session(
                 "use a new key",
                 field="Idempotency-Key",
             )
+        if existing and existing[0].data.get("secret_names", []) != secret_names:
+            raise InvalidInput(
+                "Idempotency-Key was already used for a session with other secret names; "
+                "use a new key",
+                field="Idempotency-Key",
+            )
+        # The values go to the secrets bucket before the session exists, so the executor
+        # finds them whenever it runs a step; the event carries only their names. A retry
+        # of a request that created the session stored them already.
+        if secrets and not existing:
+            await store_secrets(js, session_id, secrets)
         created = (
             existing[0]
             if existing
@@ -111,6 +129,7 @@ async def create_session(
                     target_url=target_url,
                     llm_model=model,
                     title=_title(test_case),
+                    secret_names=secret_names,
                 ),
                 command_id=command_id,
                 event_id=event_id,
@@ -141,7 +160,12 @@ async def create_session(
 
     logger.info(
         "session created",
-        extra={"session_id": session_id, "command_id": command_id, "llm_model": model},
+        extra={
+            "session_id": session_id,
+            "command_id": command_id,
+            "llm_model": model,
+            "secret_names": ",".join(secret_names),
+        },
     )
     return SessionCreatedResponse(
         session_id=session_id,
@@ -152,6 +176,7 @@ async def create_session(
         created_at=created.at,
         last_seq=created.seq,
         command_id=command_id,
+        secret_names=created.data.get("secret_names", []),
     )
 
 
