@@ -15,6 +15,7 @@ from stepwise_libs.logs import configure_logging
 from stepwise_libs.settings import SettingsError, redact_url
 
 from .handlers import ExecutorService
+from .secrets import install_log_redaction
 from .settings import ExecutorSettings
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def main() -> None:
         sys.stderr.write(f"stepwise-executor: {error}\n")
         raise SystemExit(2) from None
     configure_logging("executor", settings.log_level)
+    install_log_redaction()
     asyncio.run(run(settings, health_at))
 
 

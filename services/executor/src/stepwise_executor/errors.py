@@ -9,6 +9,8 @@ TIMEOUT = "timeout"
 MODEL_ERROR = "model_error"
 INVALID_MODEL_OUTPUT = "invalid_model_output"
 BROWSER_ERROR = "browser_error"
+# A step uses a `{{name}}` placeholder whose secret value the executor cannot find.
+SECRET_MISSING = "secret_missing"
 # The egress guard blocked a page because its host is private, loopback or cloud metadata.
 NAVIGATION_BLOCKED = "navigation_blocked"
 

@@ -9,6 +9,10 @@ previous agent step is the last `<step>` block of `<agent_history>`.
 
 One instance serves one agent run (one plan step): it remembers what it did, so
 after its action it returns `done`. No network, no randomness.
+
+A `{{name}}` placeholder in the text a step types or selects becomes
+`<secret>name</secret>` in the action, and browser-use puts the secret's value
+there just before the action runs, so the model never receives the value.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from browser_use.llm.messages import BaseMessage
 from browser_use.llm.views import ChatInvokeCompletion
 from pydantic import BaseModel
 from stepwise_libs.phrases import StepIntent, parse_step
+from stepwise_libs.secrets import placeholders, to_secret_tags
 
 from .page_state import PageElement, PageState, extract_browser_state, parse_page_state
 
@@ -286,6 +291,13 @@ class OfflineChatModel(BaseChatModel):
         )
 
     def _act(self, intent: StepIntent, step: str, page: PageState) -> _Decision:
+        secret_names = placeholders(step)
+        if secret_names and intent.kind not in ("type", "select"):
+            return _done(
+                f"The step uses the secret placeholder {{{{{secret_names[0]}}}}}, but the offline "
+                "model puts secret values only into Type and Select steps",
+                success=False,
+            )
         if intent.kind == "open":
             url = resolve_url(intent.target, self.target_url)
             return self._action(f"Open {url}.", {"navigate": {"url": url, "new_tab": False}})
@@ -303,7 +315,13 @@ class OfflineChatModel(BaseChatModel):
                 return _not_found(intent.target, page, "input field")
             return self._action(
                 f'Type "{intent.value}" into {element.describe()}, the field "{intent.target}".',
-                {"input": {"index": element.index, "text": intent.value, "clear": True}},
+                {
+                    "input": {
+                        "index": element.index,
+                        "text": to_secret_tags(intent.value),
+                        "clear": True,
+                    }
+                },
             )
         if intent.kind == "select":
             element = find_element(page, intent.target, "select")
@@ -311,7 +329,7 @@ class OfflineChatModel(BaseChatModel):
                 return _not_found(intent.target, page, "dropdown")
             return self._action(
                 f'Select "{intent.value}" in {element.describe()}, the dropdown "{intent.target}".',
-                {"select_dropdown": {"index": element.index, "text": intent.value}},
+                {"select_dropdown": {"index": element.index, "text": to_secret_tags(intent.value)}},
             )
         if intent.kind == "press":
             key = _KEY_NAMES.get(intent.target.casefold(), intent.target)

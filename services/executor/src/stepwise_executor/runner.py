@@ -16,6 +16,7 @@ from stepwise_libs import subjects
 from stepwise_libs.events import ActionRecord
 from stepwise_libs.fold import STEP_FAILED, STEP_PASSED, STEP_SKIPPED, SessionState
 from stepwise_libs.jetstream import EventStore
+from stepwise_libs.secrets import to_secret_tags
 
 from .browser import SessionBrowser
 from .egress import EgressGuard
@@ -28,6 +29,7 @@ from .errors import (
     categorize_failure,
 )
 from .models import RetryingChatModel, gemini_model, is_offline, offline_model
+from .secrets import REGISTRY, secrets_for_task
 from .settings import ExecutorSettings
 
 logger = logging.getLogger(__name__)
@@ -105,12 +107,17 @@ def build_agent(
     folder: Path,
     step_timeout: float,
     use_vision: bool,
+    sensitive_data: dict[str, str] | None = None,
 ) -> Agent:
     """Create the agent for one plan step or act-mode instruction in the session's browser."""
     return Agent(
         task=task,
         llm=llm,
         browser_session=session,
+        # browser-use types a value where an action's parameter has <secret>name</secret>.
+        # NOTE: it also types the value in place of a parameter that is exactly a secret's
+        # name without the tags (browser-use 0.13.14, Registry._replace_sensitive_data).
+        sensitive_data=sensitive_data or None,
         # No judge, planner or start-URL guessing: one step is one small task, and the
         # model alone decides what happens (browser-use 0.13.14 options).
         use_judge=False,
@@ -149,6 +156,7 @@ class StepRunner:
         self.egress = EgressGuard(settings.allowed_hosts, state.session_id)
 
     async def append(self, payload: ev.Payload, command_id: str | None) -> ev.Event:
+        payload = REGISTRY.redact_payload(payload)
         return await self.store.append(self.state.session_id, payload, command_id=command_id)
 
     def _model(self, task_id: str, step_number: int | None, command_id: str | None) -> Any:
@@ -280,6 +288,7 @@ class StepRunner:
         self, task: str, task_id: str, step_number: int | None, command_id: str | None
     ) -> StepOutcome:
         try:
+            secrets = await secrets_for_task(self.js, self.state, task)
             fresh = not self.browser.is_open
             if fresh:
                 await self._check_start_urls()
@@ -290,6 +299,9 @@ class StepRunner:
             llm = self._model(task_id, step_number, command_id)
         except StepError as error:
             return StepOutcome(success=False, error=error.message, category=error.category)
+        if secrets and not is_offline(self.state.llm_model):
+            # The offline model writes the tags itself; Gemini reads them in its task.
+            task = to_secret_tags(task)
         emitted: list[ActionRecord] = []
 
         async def on_step_end(agent: Agent) -> None:
@@ -309,6 +321,7 @@ class StepRunner:
             self.browser.folder / "agent",
             self.settings.step_timeout,
             use_vision=not is_offline(self.state.llm_model),
+            sensitive_data=secrets,
         )
         # A blocked navigation ends the step after the agent's current action.
         self.egress.on_blocked = lambda blocked: agent.stop()

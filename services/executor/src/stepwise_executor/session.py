@@ -12,9 +12,11 @@ from stepwise_libs import events as ev
 from stepwise_libs import subjects
 from stepwise_libs.fold import STEP_SKIPPED, STOP_ALL_REASON, SessionState, apply
 from stepwise_libs.jetstream import EventStore
+from stepwise_libs.secrets import delete_secrets
 
 from .browser import SessionBrowser
 from .runner import StepRunner
+from .secrets import REGISTRY
 from .settings import ExecutorSettings
 
 logger = logging.getLogger(__name__)
@@ -26,6 +28,10 @@ RUN_TILL_END = "run_till_end"
 PAUSE_FLAG = b"pause"
 STOP_ALL_FLAG = b"stop_all"
 CANCEL_FLAG = b"cancel"
+
+# Reasons of `browser_closed` after which the run has ended, so the session's secret
+# values are purged: a later run of the session cannot use them.
+RUN_ENDED_REASONS = frozenset({"execution finished", "cancelled", "executor error"})
 
 
 class LiveSession:
@@ -70,6 +76,7 @@ class LiveSession:
         self.state = self.runner.state = state
 
     async def append(self, payload: ev.Payload, command_id: str | None) -> ev.Event:
+        payload = REGISTRY.redact_payload(payload)
         event = await self.store.append(self.session_id, payload, command_id=command_id)
         apply(self.state, event)
         return event
@@ -293,8 +300,25 @@ class LiveSession:
         if was_open or force_event:
             await self.append(ev.BrowserClosed(reason=reason), command_id)
             logger.info("browser closed: %s", reason, extra={"session_id": self.session_id})
+        # The next agent run loads the values again, if the bucket still has them.
+        REGISTRY.discard(self.session_id)
+        if reason in RUN_ENDED_REASONS and self.state.secret_names:
+            await self._purge_secrets()
         if self.on_browser_closed is not None:
             await self.on_browser_closed(self)
+
+    async def _purge_secrets(self) -> None:
+        try:
+            await delete_secrets(self.js, self.session_id)
+        except Exception as error:
+            logger.warning(
+                "purging the session's secret values failed, so they stay until the "
+                "bucket's 24-hour TTL: %s",
+                error,
+                extra={"session_id": self.session_id},
+            )
+            return
+        logger.info("secret values purged", extra={"session_id": self.session_id})
 
     # --- act mode -------------------------------------------------------------------
 
