@@ -25,6 +25,7 @@ from rich.markup import escape
 from stepwise.gateway_client import GatewayClient, token_from_env
 from stepwise.runner import EXIT_FAILED, EXIT_PASSED, EXIT_USAGE, RunOutcome, SessionRun
 from stepwise.sample_site import sample_test_case, serve_sample_site
+from stepwise.secret_options import SecretOptionError, env_names, resolve_secrets
 from stepwise.stack import (
     ALLOWED_HOSTS_VARIABLE,
     Stack,
@@ -178,10 +179,25 @@ def _run_against(
     timeout: float,
     token: str | None = None,
     allow_partial: bool = False,
+    secrets: dict[str, str] | None = None,
 ) -> RunOutcome:
     with GatewayClient(gateway_url, token=token or token_from_env()) as client:
         session_run = SessionRun(client, console, timeout, error_console, allow_partial)
-        return session_run.run(test_case, target_url, model)
+        return session_run.run(test_case, target_url, model, secrets)
+
+
+def _read_secrets(options: list[str], test_case: str) -> dict[str, str]:
+    try:
+        secrets, inline = resolve_secrets(options, test_case, os.environ)
+    except SecretOptionError as error:
+        raise _fail_usage(str(error)) from None
+    for name in inline:
+        error_console.print(
+            f"[yellow]warning:[/yellow] --secret {name}=... puts the value on the command line, "
+            f"where the process list and shell history show it; set {env_names(name)[0]} "
+            f"and pass --secret {name} instead"
+        )
+    return secrets
 
 
 @app.command()
@@ -265,6 +281,18 @@ def run(
             "case out. Default: such a plan fails the run before any step runs.",
         ),
     ] = False,
+    secret: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--secret",
+            metavar="NAME[=VALUE]",
+            help="Value of a {{NAME}} placeholder of the test case: NAME reads it from the "
+            "environment variable STEPWISE_SECRET_NAME, NAME=VALUE takes it from the command "
+            "line (visible in the process list). Repeatable. Placeholders without --secret "
+            "are read from STEPWISE_SECRET_NAME too.",
+            show_default=False,
+        ),
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log the supervisor's steps.")
     ] = False,
@@ -276,6 +304,7 @@ def run(
     _configure_logging(verbose)
     target_url = _validate_url(url)
     text = _read_test_case(test_case, file)
+    secrets = _read_secrets(secret or [], text)
     if gateway is not None:
         parts = urlsplit(gateway)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -291,7 +320,9 @@ def run(
 
     gateway_url = gateway or running_gateway(default_home())
     if gateway_url is not None:
-        outcome = _run_against(gateway_url, text, target_url, model, timeout, token, allow_partial)
+        outcome = _run_against(
+            gateway_url, text, target_url, model, timeout, token, allow_partial, secrets
+        )
         raise typer.Exit(outcome.exit_code)
 
     # No stack runs: start one on a free port for this run and stop it afterwards.
@@ -300,7 +331,7 @@ def run(
         try:
             stack = _start_stack(StackConfig.from_env(port=0))
             outcome = _run_against(
-                stack.gateway_url, text, target_url, model, timeout, token, allow_partial
+                stack.gateway_url, text, target_url, model, timeout, token, allow_partial, secrets
             )
         except StackError as error:
             error_console.print(f"[red]error:[/red] {escape(str(error))}")

@@ -115,10 +115,18 @@ class GatewayClient:
         except httpx.HTTPError:
             return False
 
-    def create_session(self, test_case: str, target_url: str, model: str | None) -> dict[str, Any]:
+    def create_session(
+        self,
+        test_case: str,
+        target_url: str,
+        model: str | None,
+        secrets: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {"test_case": test_case, "target_url": target_url}
         if model:
             body["llm_model"] = model
+        if secrets:
+            body["secrets"] = secrets
         return self._request("POST", "/api/sessions", "creating the session", json=body)
 
     def start(self, session_id: str) -> dict[str, Any]:

@@ -94,10 +94,16 @@ class SessionRun:
 
     # --- the whole run ---------------------------------------------------------------
 
-    def run(self, test_case: str, target_url: str, model: str | None) -> RunOutcome:
+    def run(
+        self,
+        test_case: str,
+        target_url: str,
+        model: str | None,
+        secrets: dict[str, str] | None = None,
+    ) -> RunOutcome:
         """Create the session, follow it to its end, and return the outcome."""
         try:
-            created = self.client.create_session(test_case, target_url, model)
+            created = self.client.create_session(test_case, target_url, model, secrets)
         except GatewayError as error:
             self.error_console.print(f"[red]error:[/red] {escape(str(error))}")
             code = EXIT_USAGE if error.bad_input else EXIT_FAILED
