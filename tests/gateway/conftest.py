@@ -43,6 +43,7 @@ class GatewayServer:
             log_config=None,
             ws_ping_interval=settings.ws_ping_interval,
             ws_ping_timeout=settings.ws_ping_timeout,
+            ws_per_message_deflate=settings.ws_compression,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(

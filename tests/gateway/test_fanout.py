@@ -10,12 +10,14 @@ import pytest
 import websockets
 from nats.js import JetStreamContext
 from stepwise_gateway import pump
+from stepwise_gateway.settings import GatewaySettings
 from stepwise_libs import events as ev
 from stepwise_libs import subjects
 from stepwise_libs.jetstream import EventStore
+from stepwise_libs.settings import SettingsError
 from websockets.asyncio.client import ClientConnection
 
-from .conftest import GatewayServer
+from .conftest import GatewayServer, gateway_settings
 
 RECEIVE_TIMEOUT = 10.0
 
@@ -164,3 +166,55 @@ async def test_sse_and_websocket_clients_share_the_feed(
     assert [frame["id"] for frame in frames] == [str(seq) for seq in range(1, 9)]
     assert seqs(texts) == list(range(4, 9))
     assert [frame["data"] for frame in frames[3:]] == texts
+
+
+async def test_websocket_compression_off_unless_set(
+    gateway: GatewayServer, store: EventStore, nats_server, gateway_database: str
+) -> None:
+    session_id = str(uuid.uuid4())
+    await append_progress(store, session_id, 1, "only")
+    path = f"/api/sessions/{session_id}/ws"
+    compressing = GatewayServer(
+        gateway_settings(nats_server.url, gateway_database, ws_compression=True)
+    ).start()
+    try:
+        compressing.wait_nats()
+        # The websockets client offers permessage-deflate by default.
+        async with websockets.connect(f"{gateway.ws_url}{path}") as plain:
+            plain_events = await read_events(plain, 1)
+            plain_extensions = plain.response.headers.get("Sec-WebSocket-Extensions")
+        async with websockets.connect(f"{compressing.ws_url}{path}") as deflated:
+            deflated_events = await read_events(deflated, 1)
+            deflated_extensions = deflated.response.headers.get("Sec-WebSocket-Extensions")
+    finally:
+        compressing.stop()
+
+    assert plain_extensions is None
+    assert deflated_extensions is not None
+    assert "permessage-deflate" in deflated_extensions
+    assert seqs(plain_events) == [1]
+    assert deflated_events == plain_events
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, False), ("off", False), ("on", True)])
+def test_ws_compression_setting(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, expected: bool
+) -> None:
+    monkeypatch.setenv("STEPWISE_DATABASE_URL", "postgresql+asyncpg://stepwise@127.0.0.1:5/x")
+    if value is None:
+        monkeypatch.delenv("STEPWISE_WS_COMPRESSION", raising=False)
+    else:
+        monkeypatch.setenv("STEPWISE_WS_COMPRESSION", value)
+
+    assert GatewaySettings().ws_compression is expected
+
+
+def test_ws_compression_setting_rejects_other_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STEPWISE_DATABASE_URL", "postgresql+asyncpg://stepwise@127.0.0.1:5/x")
+    monkeypatch.setenv("STEPWISE_WS_COMPRESSION", "yes")
+
+    with pytest.raises(SettingsError) as error:
+        GatewaySettings()
+
+    assert "STEPWISE_WS_COMPRESSION" in str(error.value)
+    assert "on or off" in str(error.value)

@@ -55,6 +55,7 @@ def main() -> None:
         log_config=None,
         ws_ping_interval=settings.ws_ping_interval or None,
         ws_ping_timeout=settings.ws_ping_timeout or None,
+        ws_per_message_deflate=settings.ws_compression,
     )
 
 

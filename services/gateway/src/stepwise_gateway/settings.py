@@ -29,6 +29,13 @@ def _database_url() -> str:
     return raw
 
 
+def _ws_compression() -> bool:
+    raw = os.environ.get("STEPWISE_WS_COMPRESSION", "off")
+    if raw not in ("on", "off"):
+        raise SettingsError("STEPWISE_WS_COMPRESSION", raw, "on or off")
+    return raw == "on"
+
+
 @dataclass(frozen=True)
 class GatewaySettings(CommonSettings):
     """Everything the gateway reads from the environment."""
@@ -49,6 +56,10 @@ class GatewaySettings(CommonSettings):
     ws_ping_timeout: float = field(
         default_factory=lambda: env_float("STEPWISE_WS_PING_TIMEOUT", 20.0, 0.0)
     )
+    # Whether clients may negotiate permessage-deflate. Off by default, because deflating
+    # each event once per client about doubled the gateway's CPU per delivered event and
+    # its memory per client in the 500-client fan-out bench (bench/s5_fanout.py).
+    ws_compression: bool = field(default_factory=_ws_compression)
     # Whether a Gemini API key is configured; Gemini models are accepted only then.
     gemini_configured: bool = field(default_factory=lambda: gemini_api_key() is not None)
     default_model: str = field(default_factory=default_model)
