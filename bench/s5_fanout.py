@@ -6,7 +6,10 @@ gets 100 events/s. Every client must receive every event within 30 s of the last
 append, or the event counts as lost; latency runs from the start of the append to
 each client receiving the event. Gateway memory per client
 is the gateway's RSS with every client connected and streaming, minus its RSS
-before the first client connected, divided by the number of clients.
+before the first client connected, divided by the number of clients. Gateway CPU
+per 1,000 deliveries is the gateway's user + system CPU time from the first append
+until every client reported, divided by the deliveries received. Unlike the
+latency, it depends less on how busy other processes keep the machine.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ async def run_once(bench: Bench, results: Results) -> None:
                 line = await asyncio.wait_for(process.stdout.readline(), 120)
                 if line.strip() != b"ready":
                     raise BenchError(f"a fan-out client process did not get ready: {line!r}")
+            cpu_before = _cpu_seconds(gateway_process)
             async for i in paced(RATE, count):
                 await store.append(session_id, action(i))
                 if i == count // 2:
@@ -79,6 +83,7 @@ async def run_once(bench: Bench, results: Results) -> None:
                     process.stdout.readline(), seconds + DRAIN_SECONDS + 120
                 )
                 reports.append(json.loads(line))
+            cpu_seconds = _cpu_seconds(gateway_process) - cpu_before
     finally:
         await nc.close()
         for process in processes:
@@ -93,8 +98,18 @@ async def run_once(bench: Bench, results: Results) -> None:
     results.add(
         NAME, "gateway RSS per client", "KiB", (rss_streaming - rss_before) / clients / 1024
     )
+    delivered = clients * count - missed
+    if delivered > 0:
+        results.add(
+            NAME, "gateway CPU per 1,000 deliveries", "ms", cpu_seconds / delivered * 1000 * 1000
+        )
     if errors:
         results.note(NAME, f"{len(errors)} clients ended early, first: {errors[0]}")
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
 
 
 def _split(total: int, parts: int) -> list[int]:
