@@ -42,6 +42,8 @@ def cluster(
             STEPWISE_HOME=str(home),
             STEPWISE_EXECUTOR_ID=executor_id,
             STEPWISE_STEP_TIMEOUT="60",
+            # The sample site, the only site these tests serve, listens on 127.0.0.1.
+            STEPWISE_ALLOWED_HOSTS="127.0.0.1",
         )
         env.pop("GEMINI_API_KEY", None)
         env.pop("GOOGLE_API_KEY", None)
