@@ -34,7 +34,7 @@ def login_site() -> Iterator[LoginSite]:
         yield site
 
 
-async def run_session(
+async def run_live(
     js: JetStreamContext,
     settings: ExecutorSettings,
     test_case: str,
@@ -42,8 +42,9 @@ async def run_session(
     secrets: dict[str, str] | None,
     secret_names: list[str],
     model: str = "offline",
-) -> tuple[str, list[ev.Event], list[bytes]]:
-    """Run a planned session to its end; return its id, events and the events' stored bytes."""
+    mode: str = "execution",
+) -> LiveSession:
+    """Plan a session and run it in-process until its task ends; return the live session."""
     store = EventStore(js)
     session_id = str(uuid.uuid4())
     if secrets is not None:
@@ -67,16 +68,30 @@ async def run_session(
     )
 
     live = LiveSession(js, store, settings, fold(session_id, await store.read(session_id)))
-    live.start_execution("task-1", "command-1", "execution")
+    live.start_execution("task-1", "command-1", mode)
     assert live.task is not None
     await live.task
+    return live
 
-    events = await store.read(session_id)
+
+async def run_session(
+    js: JetStreamContext,
+    settings: ExecutorSettings,
+    test_case: str,
+    target_url: str,
+    secrets: dict[str, str] | None,
+    secret_names: list[str],
+    model: str = "offline",
+) -> tuple[str, list[ev.Event], list[bytes]]:
+    """Run a planned session to its end; return its id, events and the events' stored bytes."""
+    live = await run_live(js, settings, test_case, target_url, secrets, secret_names, model)
+
+    events = await EventStore(js).read(live.session_id)
     raw = [
         (await js.get_msg(subjects.EVENTS_STREAM, seq=event.position or 0)).data or b""
         for event in events
     ]
-    return session_id, events, raw
+    return live.session_id, events, raw
 
 
 async def secrets_entry_gone(js: JetStreamContext, session_id: str) -> bool:
@@ -283,3 +298,34 @@ async def test_offline_check_with_placeholder_fails(
     assert "{{password}}" in failed[0]["error"]
     assert "only into Type and Select steps" in failed[0]["error"]
     assert all(login_site.password.encode() not in data for data in raw)
+
+
+async def test_open_profile_keeps_no_value(
+    nats_client: NATS, login_site: LoginSite, make_settings
+) -> None:
+    # Run till end pauses at the failing last step with the browser open after the login.
+    live = await run_live(
+        nats_client.jetstream(),
+        make_settings(),
+        login_test_case() + 'Check that the page shows "Never shown"\n',
+        login_site.url,
+        {"user": login_site.username, "password": login_site.password},
+        ["user", "password"],
+        mode="run_till_end",
+    )
+    try:
+        assert live.browser.is_open
+        assert login_site.attempts == [(login_site.username, login_site.password)]
+        holders = [
+            str(path)
+            for path in live.browser.folder.rglob("*")
+            if path.is_file()
+            and any(
+                value.encode() in path.read_bytes()
+                for value in (login_site.username, login_site.password)
+            )
+        ]
+    finally:
+        await live.close_browser("execution finished", None)
+
+    assert holders == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -43,6 +44,14 @@ BASE_ARGS = [
     "--no-first-run",
 ]
 START_ATTEMPTS = 3
+# Chromium preferences of a new profile. With autofill on, Chromium stores the text a
+# submitted form's fields held, such as a secret typed into a text field, in the
+# profile's "Web Data" file while the browser runs.
+PROFILE_PREFERENCES = {
+    "autofill": {"enabled": False, "profile_enabled": False, "credit_card_enabled": False},
+    "credentials_enable_service": False,
+    "profile": {"password_manager_enabled": False},
+}
 # Seconds to reach a remote browser's DevTools endpoint, and for one of our own CDP calls on it.
 ATTACH_TIMEOUT = 15.0
 CDP_CALL_TIMEOUT = 5.0
@@ -173,6 +182,10 @@ class SessionBrowser:
 
     async def _start_once(self) -> BrowserSession:
         self.folder.mkdir(parents=True, exist_ok=True)
+        preferences = self.folder / "profile" / "Default" / "Preferences"
+        if not preferences.exists():
+            preferences.parent.mkdir(parents=True, exist_ok=True)
+            preferences.write_text(json.dumps(PROFILE_PREFERENCES))
         profile = BrowserProfile(
             executable_path=self.chromium,
             headless=True,
