@@ -60,6 +60,11 @@ async def run_command_consumer(
             await asyncio.sleep(0.5)
             continue
         for message in messages:
+            if stop.is_set():
+                # The service is stopping: give the command back at once, so another
+                # replica takes it instead of this one accepting work it cannot finish.
+                await message.nak()
+                continue
             await _dispatch(store, message, handle)
 
 
