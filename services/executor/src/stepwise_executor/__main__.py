@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -19,6 +20,9 @@ from .secrets import install_log_redaction
 from .settings import ExecutorSettings
 
 logger = logging.getLogger(__name__)
+
+# Seconds the tasks left after the shutdown get to end once cancelled.
+LEFTOVER_TASKS_SECONDS = 5.0
 
 
 async def run(settings: ExecutorSettings, health_at: tuple[str, int] | None = None) -> None:
@@ -55,6 +59,32 @@ async def run(settings: ExecutorSettings, health_at: tuple[str, int] | None = No
     await health.close()
     # close, not drain: drain waits out its whole timeout once a pull consumer has fetched.
     await client.close()
+    await _exit_past_stuck_tasks(LEFTOVER_TASKS_SECONDS)
+
+
+async def _exit_past_stuck_tasks(timeout: float) -> None:
+    """Cancel the tasks still running after the shutdown; exit the process if some ignore it.
+
+    When SIGTERM arrives while a browser starts, browser-use 0.13.14 leaves the
+    `_run_loop` task of its event bus running, and that task ignores cancellation.
+    asyncio.run would wait for it for ever, so the executor would never exit. Every
+    event and ack has been sent by now, so exiting without that task loses nothing.
+    """
+    current = asyncio.current_task()
+    leftovers = [task for task in asyncio.all_tasks() if task is not current]
+    for task in leftovers:
+        task.cancel()
+    if not leftovers:
+        return
+    _, pending = await asyncio.wait(leftovers, timeout=timeout)
+    if pending:
+        logger.warning(
+            "%d tasks did not stop after cancellation, exiting without them",
+            len(pending),
+            extra={"tasks": sorted(task.get_name() for task in pending)},
+        )
+        logging.shutdown()
+        os._exit(0)
 
 
 def main() -> None:

@@ -488,22 +488,42 @@ class ExecutorService:
             )
         try:
             state = fold(session_id, await self.store.read(session_id))
-            if state.status in LIVE_STATUSES or state.browser_open:
-                await self.store.append(
-                    session_id,
-                    ev.SessionInterrupted(
-                        reason=f"executor {owner} stopped renewing its lease on the session's browser",
-                        executor_id=owner,
-                        last_completed_step=state.last_completed_step,
-                    ),
-                )
+            reason = f"executor {owner} stopped renewing its lease on the session's browser"
+            recorded = await self._record_lost_browser(state, owner, reason)
+            if recorded is not None:
                 logger.warning(
-                    "session interrupted: its executor is gone",
+                    "%s: its executor is gone",
+                    recorded,
                     extra={"session_id": session_id, "owner": owner},
                 )
         finally:
             with contextlib.suppress(Exception):
                 await self._leases.delete(session_id)
+
+    async def _record_lost_browser(
+        self, state: SessionState, owner: str, reason: str, interrupted: bool = False
+    ) -> str | None:
+        """Append what the loss of a session's browser means; return the event type appended.
+
+        A session that was running or paused (or had accepted work, `interrupted`) gets
+        `session_interrupted`, so that a continue resumes it on another executor. A
+        session whose run had already ended only had its browser left open, so it gets
+        `browser_closed` and keeps its status: a completed run stays completed.
+        """
+        if state.status in LIVE_STATUSES or interrupted:
+            await self.store.append(
+                state.session_id,
+                ev.SessionInterrupted(
+                    reason=reason,
+                    executor_id=owner,
+                    last_completed_step=state.last_completed_step,
+                ),
+            )
+            return "session_interrupted"
+        if state.browser_open:
+            await self.store.append(state.session_id, ev.BrowserClosed(reason=reason))
+            return "browser_closed"
+        return None
 
     async def shutdown(self) -> None:
         for task in self._background:
@@ -518,14 +538,12 @@ class ExecutorService:
             await live.shutdown()
             with contextlib.suppress(Exception):
                 state = fold(live.session_id, await self.store.read(live.session_id))
-                if state.status in LIVE_STATUSES or state.browser_open:
-                    await self.store.append(
-                        live.session_id,
-                        ev.SessionInterrupted(
-                            reason=f"executor {self.executor_id} shut down",
-                            executor_id=self.executor_id,
-                            last_completed_step=state.last_completed_step,
-                        ),
-                    )
+                # A command accepted (and so acknowledged) just before the stop may have
+                # had no event yet: without session_interrupted its session would wait
+                # for ever, with no executor to continue it.
+                unrecorded = live.task_id is not None and state.current_task_id != live.task_id
+                await self._record_lost_browser(
+                    state, self.executor_id, f"executor {self.executor_id} shut down", unrecorded
+                )
             await self._release_lease(live.session_id)
         self.sessions.clear()
