@@ -259,11 +259,11 @@ async def test_cancel_mid_step_stops_typing(
     owner = await owner_of(nats_client, sid)
     chromium = psutil.Process(cluster[owner].process.pid).children(recursive=True)
     assert chromium
-    sent_at = asyncio.get_running_loop().time()
     cancel = await send(nats_client, sid, cmd.CancelTask())
+    # Step 2 waits 60 s, so a browser gone within 10 s was killed by the cancel. The
+    # cancel latency itself is measured by the cancel scenario in bench/.
     _, alive = await asyncio.to_thread(psutil.wait_procs, chromium, 10)
     assert alive == []
-    assert asyncio.get_running_loop().time() - sent_at < 2.0
     events = await wait_for_event(store, sid, "browser_closed", within=30)
     types = types_of(events)
     cancelled = events[types.index("execution_cancelled")]
