@@ -16,12 +16,17 @@ from typing import Any
 import nats
 import yaml
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, ServiceUnavailableError
+from stepwise_libs.jetstream import ensure_topology
 
 from stepwise.embedded import EmbeddedNats
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICES = ("gateway", "planner", "executor", "projector")
 VALUES = REPO / "deploy" / "nats" / "values.yaml"
+# Seconds a fresh cluster gets to elect a JetStream meta leader.
+CLUSTER_FORM_TIMEOUT = 60.0
 _VARIABLE = re.compile(r"^<<\s*(\$[A-Za-z_][A-Za-z0-9_]*)\s*>>$")
 
 
@@ -126,3 +131,24 @@ async def connect_as(
         allow_reconnect=False,
         connect_timeout=5,
     )
+
+
+async def ensure_topology_when_formed(js: JetStreamContext, replicas: int) -> None:
+    """Retry until the cluster has elected a JetStream meta leader and takes the topology."""
+    async with asyncio.timeout(CLUSTER_FORM_TIMEOUT):
+        while True:
+            try:
+                await ensure_topology(js, replicas=replicas)
+                return
+            except (
+                ServiceUnavailableError,
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+            ):
+                await asyncio.sleep(0.2)
+            except APIError as error:
+                # Until the nodes have met, JetStream responds with a 5xx code, such as
+                # 503 "JetStream system temporarily unavailable".
+                if error.code not in (503, 500):
+                    raise
+                await asyncio.sleep(0.2)

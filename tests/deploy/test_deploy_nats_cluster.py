@@ -8,60 +8,23 @@ that leads the events stream loses no event, and appends go on.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, ServiceUnavailableError
-from natsconf import merge_config, render
+from natsconf import ensure_topology_when_formed
 from stepwise_libs import subjects
 from stepwise_libs.events import Event, SessionCreated
-from stepwise_libs.jetstream import EventStore, ensure_topology
+from stepwise_libs.jetstream import EventStore
 
-from stepwise.embedded import EmbeddedNats, free_port
+from stepwise.embedded import EmbeddedNats
 
-NODES = 3
 REPLICAS = 3
 FORM_TIMEOUT = 60.0
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, passwords: dict[str, str]) -> Iterator[list[EmbeddedNats]]:
-    route_ports = [free_port() for _ in range(NODES)]
-    routes = ", ".join(f'"nats-route://127.0.0.1:{port}"' for port in route_ports)
-    accounts = render(merge_config())
-    names = {f"{name.upper()}_PASSWORD": value for name, value in passwords.items()}
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update(names)
-    nodes: list[EmbeddedNats] = []
-    try:
-        for index in range(NODES):
-            folder = tmp_path / f"n{index}"
-            folder.mkdir()
-            config = folder / "node.conf"
-            config.write_text(
-                f'server_name: "n{index}"\n'
-                f"cluster {{\n"
-                f'  name: "stepwise"\n'
-                f'  listen: "127.0.0.1:{route_ports[index]}"\n'
-                f"  routes: [{routes}]\n"
-                f"}}\n" + accounts
-            )
-            nodes.append(EmbeddedNats(folder, extra_args=["-c", str(config)]).start())
-        yield nodes
-    finally:
-        for node in nodes:
-            node.kill()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @pytest.fixture
@@ -78,27 +41,6 @@ async def gateway_client(
     )
     yield client
     await client.close()
-
-
-async def _ensure_topology_when_formed(client: NATS) -> None:
-    """Retry until the cluster has elected a JetStream meta leader and takes the topology."""
-    async with asyncio.timeout(FORM_TIMEOUT):
-        while True:
-            try:
-                await ensure_topology(client.jetstream(), replicas=REPLICAS)
-                return
-            except (
-                ServiceUnavailableError,
-                nats.errors.TimeoutError,
-                nats.errors.NoRespondersError,
-            ):
-                await asyncio.sleep(0.2)
-            except APIError as error:
-                # Until the nodes have met, JetStream answers with a 5xx code, such as
-                # 503 "JetStream system temporarily unavailable".
-                if error.code not in (503, 500):
-                    raise
-                await asyncio.sleep(0.2)
 
 
 async def _wait_for_new_leader(client: NATS, old_leader: str | None) -> str:
@@ -120,12 +62,7 @@ async def _read_all(js: JetStreamContext, session_id: str, count: int) -> list[E
     try:
         async with asyncio.timeout(FORM_TIMEOUT):
             while len(events) < count:
-                # NOTE: right after a leader change, the ordered consumer behind
-                # EventStore.read can stall without delivering; a read gets 5 s and is retried.
-                try:
-                    events = await asyncio.wait_for(EventStore(js).read(session_id), 5)
-                except TimeoutError:
-                    continue
+                events = await EventStore(js).read(session_id)
                 if len(events) < count:
                     await asyncio.sleep(0.1)
     except TimeoutError:
@@ -136,7 +73,7 @@ async def _read_all(js: JetStreamContext, session_id: str, count: int) -> list[E
 async def test_cluster_keeps_events_when_leader_dies(
     cluster: list[EmbeddedNats], gateway_client: NATS
 ) -> None:
-    await _ensure_topology_when_formed(gateway_client)
+    await ensure_topology_when_formed(gateway_client.jetstream(), REPLICAS)
     js = gateway_client.jetstream()
     for stream in (subjects.EVENTS_STREAM, subjects.COMMANDS_STREAM):
         info = await js.stream_info(stream)
