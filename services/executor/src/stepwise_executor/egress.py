@@ -327,9 +327,24 @@ class EgressGuard:
         its root CDP connection, so it also covers tabs and frames that open later.
         `context_id` is the session's browser context in an attached browser.
         """
-        self.context_id = context_id
-        client = browser_session.cdp_client
+        # Imported here, not at module level: browser.py sets browser-use's telemetry
+        # variables before the first import of browser_use, and settings.py imports this
+        # module earlier.
+        from browser_use.browser.events import BrowserReconnectedEvent
 
+        self.context_id = context_id
+        await self._intercept(browser_session.cdp_client)
+
+        async def on_reconnected(event: BrowserReconnectedEvent) -> None:
+            # browser-use 0.13.14 replaces its root CDP client when it reconnects, and the
+            # interception of the old connection ended with it. Between the drop and this
+            # call, a page that navigates by itself is not checked.
+            logger.info("re-enabling the egress guard after a reconnect")
+            await self._intercept(browser_session.cdp_client)
+
+        browser_session.event_bus.on(BrowserReconnectedEvent, on_reconnected)
+
+    async def _intercept(self, client: Any) -> None:
         def on_request_paused(event: Any, session_id: str | None = None) -> None:
             task = asyncio.create_task(self._decide(client, event, session_id))
             self._pending.add(task)
