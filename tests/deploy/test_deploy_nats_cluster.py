@@ -97,15 +97,12 @@ async def test_cluster_keeps_events_when_leader_dies(
     assert victim.process is not None
     victim.process.send_signal(signal.SIGKILL)
     victim.process.wait(10)
-    # NOTE: EventStore.append does not retry when the stream has no leader (nats-py raises
-    # NoStreamResponseError for the 503 "no responders" during the election), so this
-    # test waits for the new leader before appending again.
-    new_leader = await _wait_for_new_leader(gateway_client, leader)
-
+    # Appends right away: while the stream elects a leader, EventStore.append retries.
     for _ in range(10):
         await store.append(
             session_id, SessionCreated(test_case="t", target_url="u", llm_model="offline")
         )
+    new_leader = await _wait_for_new_leader(gateway_client, leader)
 
     # The leader's count first: a direct get may be served by a follower.
     after = await js.stream_info(subjects.EVENTS_STREAM)
