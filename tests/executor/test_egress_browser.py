@@ -1,6 +1,7 @@
-"""The egress guard keeps blocking after browser-use reconnects to Chromium.
+"""The egress guard in a real Chromium: after a CDP reconnect, and for Gemini's navigations.
 
-A server on 127.0.0.2 records every request. Nothing else is contacted.
+A server on 127.0.0.2 records every request, and the executor allows 127.0.0.1 only.
+Nothing else is contacted: Gemini is the fake server on loopback.
 """
 
 from __future__ import annotations
@@ -12,8 +13,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from browser_use.browser.events import BrowserReconnectedEvent
+from fakes.gemini import FakeGemini
+from nats.aio.client import Client as NATS
 from stepwise_executor.browser import SessionBrowser
 from stepwise_executor.egress import EgressGuard, parse_allowed_hosts
+
+from stepwise.sample_site import SampleSite
+
+from .test_gemini import MODEL, agent_output, gemini_env
+from .test_run import run_plan
 
 
 @pytest.fixture
@@ -70,3 +78,35 @@ async def test_guard_blocks_after_reconnect(
         assert requests == []
     finally:
         await browser.close()
+
+
+async def test_gemini_navigation_blocked(
+    nats_client: NATS,
+    sample_site: SampleSite,
+    fake_gemini: FakeGemini,
+    make_settings,
+    recording_server: tuple[str, list[str]],
+) -> None:
+    url, requests = recording_server
+    fake_gemini.reply_json(
+        agent_output({"navigate": {"url": url, "new_tab": False}}, "open the admin page")
+    )
+    fake_gemini.reply_json(
+        agent_output({"done": {"text": "The admin page is open", "success": True}}, "finish")
+    )
+
+    _, events = await run_plan(
+        nats_client,
+        make_settings(**gemini_env(fake_gemini)),
+        "Open the admin page",
+        sample_site.base_url,
+        MODEL,
+    )
+
+    failures = [event.data for event in events if event.type == "step_failed"]
+    assert len(failures) == 1
+    assert failures[0]["category"] == "navigation_blocked"
+    assert f"navigation to {url} was blocked" in failures[0]["error"]
+    assert "its host 127.0.0.2 is a loopback address" in failures[0]["error"]
+    assert "step_completed" not in [event.type for event in events]
+    assert requests == []
