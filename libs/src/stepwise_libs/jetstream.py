@@ -210,6 +210,7 @@ async def _create_topology(js: JetStreamContext, replicas: int) -> None:
 
 
 async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
+    assert config.name is not None, "a stream config without a name"
     try:
         await js.stream_info(config.name)
     except NotFoundError:

@@ -62,7 +62,7 @@ async def run(settings: ExecutorSettings, health_at: tuple[str, int] | None = No
     await _exit_past_stuck_tasks(LEFTOVER_TASKS_SECONDS)
 
 
-async def _exit_past_stuck_tasks(timeout: float) -> None:
+async def _exit_past_stuck_tasks(grace_seconds: float) -> None:
     """Cancel the tasks still running after the shutdown; exit the process if some ignore it.
 
     When SIGTERM arrives while a browser starts, browser-use 0.13.14 leaves the
@@ -76,7 +76,7 @@ async def _exit_past_stuck_tasks(timeout: float) -> None:
         task.cancel()
     if not leftovers:
         return
-    _, pending = await asyncio.wait(leftovers, timeout=timeout)
+    _, pending = await asyncio.wait(leftovers, timeout=grace_seconds)
     if pending:
         logger.warning(
             "%d tasks did not stop after cancellation, exiting without them",
