@@ -14,9 +14,11 @@ from stepwise_executor.egress import (
     BlockedRequest,
     address_category,
     check_url,
+    is_forbidden_scheme,
     is_metadata_hostname,
     parse_allowed_hosts,
     url_host_port,
+    url_scheme,
 )
 from stepwise_libs.settings import SettingsError
 
@@ -148,6 +150,83 @@ async def test_check_url_passes_allowed_and_public() -> None:
     assert await check_url("http://127.0.0.1:8766/", allowed) is not None
     # A public IP literal is not resolved and not refused.
     assert await check_url("https://93.184.216.34/", allowed) is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///root/.stepwise/nats-users.json",
+        "FILE:///etc/passwd",
+        "  file:///etc/passwd",
+        "fi\tle:///etc/passwd",
+        "\x00file:///etc/passwd",
+        "chrome://version",
+        "chrome://settings/passwords",
+        "chrome-extension://abcdefghijklmnop/page.html",
+        "chrome-untrusted://terminal/",
+        "chrome-error://chromewebdata/",
+        "devtools://devtools/bundled/inspector.html",
+        "view-source:http://127.0.0.1/",
+        "view-source:file:///etc/passwd",
+        "data:text/html,<h1>hi</h1>",
+        "javascript:alert(1)",
+        "blob:http://other.example/0b4c1a2e",
+        "filesystem:http://127.0.0.1/temporary/a",
+        "ftp://127.0.0.1/",
+        "ws://127.0.0.1/",
+        "about:version",
+        "about:srcdoc",
+        "about:blankx",
+        "example.com/path",
+        "//example.com/",
+        "",
+    ],
+)
+def test_forbidden_scheme_rejected(url: str) -> None:
+    assert is_forbidden_scheme(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8765/",
+        "HTTPS://example.com/a?b#c",
+        " https://example.com/",
+        "about:blank",
+        "ABOUT:BLANK",
+        "about:blank#top",
+        "about:blank?x=1",
+    ],
+)
+def test_http_and_about_blank_allowed(url: str) -> None:
+    assert not is_forbidden_scheme(url)
+
+
+def test_url_scheme_as_chromium_reads_it() -> None:
+    assert url_scheme("FiLe:///etc/passwd") == "file"
+    assert url_scheme("\n view-\tsource:http://a/") == "view-source"
+    assert url_scheme("chrome-extension://id/") == "chrome-extension"
+    assert url_scheme("example.com/a") == ""
+    assert url_scheme("1http://a/") == ""
+
+
+async def test_check_url_rejects_file_before_hosts() -> None:
+    # An allowed-hosts entry does not open other schemes.
+    blocked = await check_url("file:///etc/passwd", parse_allowed_hosts("localhost"))
+    assert blocked is not None
+    assert blocked.category == "forbidden scheme"
+    assert blocked.message == (
+        "navigation to file:///etc/passwd was blocked: its scheme file: is not allowed. "
+        "Only http and https URLs are allowed (and about:blank)"
+    )
+    assert await check_url("about:blank", parse_allowed_hosts("")) is None
+
+
+async def test_check_url_names_missing_scheme() -> None:
+    blocked = await check_url("example.com/a", parse_allowed_hosts(""))
+    assert blocked is not None
+    assert "navigation to example.com/a was blocked: it has no scheme" in blocked.message
+    assert "STEPWISE_ALLOWED_HOSTS" not in blocked.message
 
 
 def test_refusal_message_names_url_address_and_fix() -> None:

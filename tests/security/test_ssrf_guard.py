@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import json
 import threading
 import time
 import uuid
@@ -81,6 +82,16 @@ class RecordingServer:
             self.server.server_close()
 
 
+# Text of a page that a script of the allowed page opens from a blob: URL after loading.
+BLOB_READY = "Blob page ready"
+BLOB_SECRET = "blob-secret-9d2e"
+BLOB_SCRIPT = (
+    "addEventListener('load', () => { location.href = URL.createObjectURL(new Blob("
+    f"['<title>Blob page</title><h1>{BLOB_READY}</h1><p>{BLOB_SECRET}</p>'], "
+    "{type: 'text/html'})); });"
+)
+
+
 def page(title: str, body: str = "") -> tuple[int, dict[str, str], str]:
     return 200, {}, f"<!doctype html><title>{title}</title><h1>{title}</h1>{body}"
 
@@ -110,6 +121,7 @@ def servers() -> Iterator[Servers]:
             ),
             "/frame": page("Frame", f'<iframe src="{html.escape(other_address.url("/framed"))}">'),
             "/secret": page("Secret page"),
+            "/blob": page("Blob opener", f"<script>{BLOB_SCRIPT}</script>"),
         }
     )
     for server in (other_port, other_address):
@@ -310,3 +322,48 @@ async def test_subframe_to_other_address_blocked(
     assert_blocked(failures[0], servers.other_address.url("/framed"), "127.0.0.2")
     assert "/frame" in servers.allowed.requests
     assert servers.other_address.requests == []
+
+
+async def test_typed_file_url_blocked(
+    guarded_executor: Path,
+    nats_client: NATS,
+    store: EventStore,
+    servers: Servers,
+    tmp_path: Path,
+) -> None:
+    secret = "file-secret-4b7c"
+    local = tmp_path / "nats-users.html"
+    local.write_text(f"<title>Local users</title><h1>{secret}</h1>")
+    test_case = f"1. Open the page\n2. Go to {local.as_uri()}"
+    events = await run_session(nats_client, store, test_case, servers.allowed.url("/"))
+
+    failures = failed_steps(events)
+    assert len(failures) == 1
+    assert failures[0]["step_number"] == 2
+    assert failures[0]["category"] == "navigation_blocked"
+    assert f"navigation to {local.as_uri()} was blocked" in failures[0]["error"]
+    assert "its scheme file: is not allowed" in failures[0]["error"]
+    assert "Only http and https URLs are allowed" in failures[0]["error"]
+    assert not failures[0]["url"].startswith("file:")
+    for event in events:
+        assert secret not in json.dumps(event.data), event.type
+        assert "Local users" not in json.dumps(event.data), event.type
+
+
+async def test_script_opened_blob_page_left(
+    guarded_executor: Path, nats_client: NATS, store: EventStore, servers: Servers
+) -> None:
+    # Chromium lets a page open a blob: URL of its own origin. The guard finds the page
+    # after the step's action, or at the latest before the step's screenshot.
+    test_case = f'1. Open the page\n2. Wait for "{BLOB_READY}"'
+    events = await run_session(nats_client, store, test_case, servers.allowed.url("/blob"))
+
+    failures = failed_steps(events)
+    assert len(failures) == 1
+    assert failures[0]["category"] == "navigation_blocked"
+    assert "navigation to blob:http://127.0.0.1:" in failures[0]["error"]
+    assert "its scheme blob: is not allowed" in failures[0]["error"]
+    assert "/blob" in servers.allowed.requests
+    for event in events:
+        assert not event.data.get("url", "").startswith("blob:"), event.type
+        assert BLOB_SECRET not in json.dumps(event.data), event.type

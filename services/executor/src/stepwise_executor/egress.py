@@ -1,4 +1,5 @@
-"""The executor's egress guard: no page may load from a private, loopback or cloud-metadata address.
+"""The executor's egress guard: no page may load from a private, loopback or cloud-metadata
+address, or from a URL whose scheme is not http or https.
 
 A session's browser could otherwise be pointed, by its target URL, a link, a redirect or a
 model's navigation, at services that only the executor's network can reach (a cloud
@@ -7,6 +8,13 @@ subframes, each redirect hop included) is paused through CDP `Fetch.requestPause
 browser target, its host is resolved and classified here, and a blocked request is failed
 with `Fetch.failRequest` before it leaves the browser. Hosts listed in
 `STEPWISE_ALLOWED_HOSTS` skip the check.
+
+Only http and https pages may open, and about:blank, which browser-use opens its tabs on.
+Chromium lets an automation client open file:, chrome:, view-source:, data: and other URLs
+that a web page itself may not open, and such a page could put a local file into a
+screenshot. So the guard rejects a model's navigation to another scheme before it starts,
+fails a paused request of another scheme (Chromium pauses file: requests), and navigates
+any page that still shows another scheme to about:blank.
 """
 
 from __future__ import annotations
@@ -49,12 +57,24 @@ METADATA_ADDRESSES = frozenset(
 )
 NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+ALLOWED_SCHEMES = frozenset({"http", "https"})
+FORBIDDEN_SCHEME = "forbidden scheme"
+# The page Chromium shows after a failed or blocked request, with only Chromium's error text.
+ERROR_PAGE_URL = "chrome-error://chromewebdata/"
 # Seconds one DNS lookup of the guard may take.
 RESOLVE_TIMEOUT = 10.0
+# Seconds a page of a forbidden scheme may take to show about:blank, and between checks.
+BLANK_PAGE_TIMEOUT = 10.0
+BLANK_PAGE_POLL_INTERVAL = 0.05
 
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _BRACKETED = re.compile(r"\[([^\]]+)\](?::([0-9]+))?")
+_SCHEME = re.compile(r"([a-z][a-z0-9+.-]*):", re.IGNORECASE)
+# Chromium removes these from the ends of a URL (C0 controls and space), and tabs and line
+# breaks from anywhere in it, before it reads the scheme.
+_URL_EDGE_CHARACTERS = "".join(chr(code) for code in range(0x21))
+_URL_REMOVED_CHARACTERS = str.maketrans("", "", "\t\n\r")
 _EXPECTED_HOSTS = (
     "comma-separated entries `host` or `host:port`, each host an IP address or a hostname "
     "(an IPv6 address with a port in brackets, as `[::1]:8080`)"
@@ -112,6 +132,25 @@ def parse_address(host: str) -> IPAddress | None:
         return ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
     except ValueError:
         return None
+
+
+def url_scheme(url: str) -> str:
+    """Return the lowercased scheme of `url` as Chromium reads it, or "" for a URL without one."""
+    cleaned = url.translate(_URL_REMOVED_CHARACTERS).strip(_URL_EDGE_CHARACTERS)
+    match = _SCHEME.match(cleaned)
+    return match.group(1).lower() if match else ""
+
+
+def is_forbidden_scheme(url: str) -> bool:
+    """Tell whether the browser must not open `url`: anything but http, https and about:blank."""
+    scheme = url_scheme(url)
+    if scheme in ALLOWED_SCHEMES:
+        return False
+    if scheme == "about":
+        cleaned = url.translate(_URL_REMOVED_CHARACTERS).strip(_URL_EDGE_CHARACTERS)
+        page = re.split(r"[?#]", cleaned[len("about:") :], maxsplit=1)[0]
+        return page.lower() != "blank"
+    return True
 
 
 # --- allowed hosts -------------------------------------------------------------------
@@ -225,6 +264,13 @@ class BlockedRequest:
 
     @property
     def message(self) -> str:
+        if self.category == FORBIDDEN_SCHEME:
+            scheme = url_scheme(self.url)
+            why = f"its scheme {scheme}: is not allowed" if scheme else "it has no scheme"
+            return (
+                f"navigation to {self.url} was blocked: {why}. Only http and https URLs are "
+                "allowed (and about:blank)"
+            )
         if self.error is not None:
             why = f"the guard could not check its host {self.host}: {self.error}"
         elif self.address is None:
@@ -272,11 +318,21 @@ async def resolve(host: str, port: int | None) -> list[IPAddress]:
     return addresses
 
 
+def check_scheme(url: str) -> BlockedRequest | None:
+    """Return why the browser must not open `url` for its scheme, or None when it may."""
+    if is_forbidden_scheme(url):
+        return BlockedRequest(url, "", None, None, FORBIDDEN_SCHEME)
+    return None
+
+
 async def check_url(url: str, allowed: AllowedHosts) -> BlockedRequest | None:
     """Return why the browser must not load `url`, or None when it may."""
+    blocked = check_scheme(url)
+    if blocked is not None:
+        return blocked
     target = url_host_port(url)
     if target is None:
-        # about:, data:, blob: and file: URLs open no connection.
+        # about:blank, the one URL of another scheme that passes, opens no connection.
         return None
     host, port = target
     if allowed.allows(host, port):
@@ -301,6 +357,24 @@ async def check_url(url: str, allowed: AllowedHosts) -> BlockedRequest | None:
     return None
 
 
+async def _open_blank_page(cdp_session: Any) -> None:
+    """Navigate a page to about:blank and wait until its main frame has committed it.
+
+    Page.navigate returns before a navigation that changes the renderer process (from a
+    chrome: page, for one) commits, and a screenshot taken then still shows the old page.
+    """
+    client = cdp_session.cdp_client
+    await client.send.Page.navigate(
+        params={"url": "about:blank"}, session_id=cdp_session.session_id
+    )
+    for _ in range(int(BLANK_PAGE_TIMEOUT / BLANK_PAGE_POLL_INTERVAL)):
+        tree = await client.send.Page.getFrameTree(session_id=cdp_session.session_id)
+        if tree["frameTree"]["frame"].get("url") == "about:blank":
+            return
+        await asyncio.sleep(BLANK_PAGE_POLL_INTERVAL)
+    raise TimeoutError(f"the page did not show about:blank within {BLANK_PAGE_TIMEOUT:g} seconds")
+
+
 # --- the guard of one browser -----------------------------------------------------------
 
 
@@ -319,6 +393,64 @@ class EgressGuard:
 
     async def check_url(self, url: str) -> BlockedRequest | None:
         return await check_url(url, self.allowed)
+
+    def guard_navigate_action(self, tools: Any) -> Any:
+        """Make the `navigate` action of browser-use `tools` reject a URL of a forbidden scheme.
+
+        The action (browser-use 0.13.14) opens its URL through CDP, which may open file: or
+        chrome: pages that a page itself may not, and Chromium pauses no request for most of
+        them. The offline model's "Go to" steps and Gemini's navigations both use the action.
+        """
+        from browser_use.agent.views import ActionResult
+
+        actions = tools.registry.registry.actions
+        action = actions["navigate"]
+        navigate = action.function
+
+        async def guarded_navigate(*, params: Any, **context: Any) -> Any:
+            blocked = check_scheme(params.url)
+            if blocked is None:
+                return await navigate(params=params, **context)
+            self.record(blocked)
+            return ActionResult(error=blocked.message)
+
+        actions["navigate"] = action.model_copy(update={"function": guarded_navigate})
+        return tools
+
+    async def leave_forbidden_pages(self, browser_session: Any) -> list[BlockedRequest]:
+        """Record each page of a forbidden scheme and navigate it to about:blank.
+
+        This catches what the checks before a navigation miss, such as a page that a script
+        opened. Call it before a screenshot, so no screenshot shows such a page.
+        """
+        client = browser_session.cdp_client
+        targets = (await client.send.Target.getTargets())["targetInfos"]
+        found: list[BlockedRequest] = []
+        for target in targets:
+            if target.get("type") != "page":
+                continue
+            if self.context_id is not None and target.get("browserContextId") != self.context_id:
+                continue
+            cdp_session = await browser_session.get_or_create_cdp_session(
+                target_id=target["targetId"], focus=False
+            )
+            tree = await cdp_session.cdp_client.send.Page.getFrameTree(
+                session_id=cdp_session.session_id
+            )
+            # The target's URL can lag behind the main frame's committed one, and is empty
+            # while a page opens. NOTE: a navigation that commits after this check is
+            # caught by the next one only.
+            urls = [tree["frameTree"]["frame"].get("url", ""), target.get("url", "")]
+            forbidden = [
+                url for url in urls if url not in ("", ERROR_PAGE_URL) and is_forbidden_scheme(url)
+            ]
+            if not forbidden:
+                continue
+            blocked = BlockedRequest(forbidden[0], "", None, None, FORBIDDEN_SCHEME)
+            found.append(blocked)
+            self.record(blocked)
+            await _open_blank_page(cdp_session)
+        return found
 
     async def attach(self, browser_session: Any, context_id: str | None = None) -> None:
         """Pause every document request of the browser (all its pages and frames) for a check.

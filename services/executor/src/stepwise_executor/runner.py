@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from browser_use import Agent, BrowserSession
+from browser_use import Agent, BrowserSession, Tools
 from nats.js import JetStreamContext
 from stepwise_libs import events as ev
 from stepwise_libs import subjects
@@ -61,7 +61,7 @@ def resume_url(state: SessionState) -> str | None:
     (`last_url`), or its target URL when no page was recorded. A new session starts on a blank
     page, as its first step usually opens the site.
     """
-    if state.last_url.startswith(("http://", "https://", "file://")):
+    if state.last_url.startswith(("http://", "https://")):
         return state.last_url
     ran_steps = any(step.status in (STEP_PASSED, STEP_FAILED, STEP_SKIPPED) for step in state.steps)
     ran_acts = any(
@@ -108,12 +108,14 @@ def build_agent(
     step_timeout: float,
     use_vision: bool,
     sensitive_data: dict[str, str] | None = None,
+    tools: Tools | None = None,
 ) -> Agent:
     """Create the agent for one plan step or act-mode instruction in the session's browser."""
     return Agent(
         task=task,
         llm=llm,
         browser_session=session,
+        tools=tools,
         # browser-use types a value where an action's parameter has <secret>name</secret>.
         # NOTE: it also types the value in place of a parameter that is exactly a secret's
         # name without the tags (browser-use 0.13.14, Registry._replace_sensitive_data).
@@ -208,6 +210,7 @@ class StepRunner:
             task = step_text
         blocked_before = len(self.egress.blocked_requests)
         outcome = await self._run_agent(task, task_id, step_number, command_id)
+        pages_checked = await self._leave_forbidden_pages(screenshot_step)
         blocked_requests = self.egress.blocked_requests[blocked_before:]
         if blocked_requests:
             # A blocked navigation fails the step, whatever the agent made of the error page.
@@ -215,7 +218,7 @@ class StepRunner:
             outcome.error = blocked_requests[0].message
             outcome.category = NAVIGATION_BLOCKED
         outcome.duration_ms = int((time.monotonic() - started) * 1000)
-        if self.browser.is_open:
+        if self.browser.is_open and pages_checked:
             outcome.url = await self._page_url(screenshot_step)
             try:
                 name = subjects.screenshot_object_name(self.state.session_id, screenshot_step, 1)
@@ -230,6 +233,24 @@ class StepRunner:
                     extra={"session_id": self.state.session_id, "step": screenshot_step},
                 )
         return outcome
+
+    async def _leave_forbidden_pages(self, step: int | str | None) -> bool:
+        """Navigate pages of a forbidden scheme to about:blank; return False if that failed."""
+        session = self.browser.session
+        if session is None:
+            return True
+        try:
+            await asyncio.wait_for(self.egress.leave_forbidden_pages(session), timeout=URL_TIMEOUT)
+        except Exception as error:
+            # Fail closed: without the check, the agent stops before its next step, and the
+            # step records no page URL and no screenshot.
+            logger.warning(
+                "checking the schemes of the open pages failed: %s",
+                error,
+                extra={"session_id": self.state.session_id, "step": step},
+            )
+            return False
+        return True
 
     async def _page_url(self, screenshot_step: int | str) -> str:
         session = self.browser.session
@@ -305,14 +326,17 @@ class StepRunner:
         emitted: list[ActionRecord] = []
 
         async def on_step_end(agent: Agent) -> None:
-            if not agent.history.history:
-                return
-            for record in action_records(agent.history.history[-1]):
-                emitted.append(record)
-                await self.append(
-                    ev.ActionExecuted(task_id=task_id, step_number=step_number, action=record),
-                    command_id,
-                )
+            if agent.history.history:
+                for record in action_records(agent.history.history[-1]):
+                    emitted.append(record)
+                    await self.append(
+                        ev.ActionExecuted(task_id=task_id, step_number=step_number, action=record),
+                        command_id,
+                    )
+            # Before the agent's next step, whose page state (and screenshot, for Gemini)
+            # goes to the model. A page left here stops the agent through `on_blocked`.
+            if not await self._leave_forbidden_pages(step_number):
+                agent.stop()
 
         agent = build_agent(
             task,
@@ -322,6 +346,8 @@ class StepRunner:
             self.settings.step_timeout,
             use_vision=not is_offline(self.state.llm_model),
             sensitive_data=secrets,
+            # browser-use's default tools for an agent without vision="auto".
+            tools=self.egress.guard_navigate_action(Tools(exclude_actions=["screenshot"])),
         )
         # A blocked navigation ends the step after the agent's current action.
         self.egress.on_blocked = lambda blocked: agent.stop()
