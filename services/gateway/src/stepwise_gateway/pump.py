@@ -34,7 +34,7 @@ CLOSE_NOT_FOUND = 4404  # no session with this id
 CLOSE_INVALID = 4422  # invalid query parameter
 CLOSE_UNAVAILABLE = 1013  # NATS is not connected; try again later
 
-# Recent frames a feed keeps for clients that join, by count and by encoded size.
+# Recent frames a feed keeps for clients that join, bounded by count and by JSON characters.
 CACHE_FRAMES = 1000
 CACHE_BYTES = 4 * 1024 * 1024
 
