@@ -14,6 +14,7 @@ from stepwise_libs import events as ev
 from stepwise_libs import subjects
 from stepwise_libs.jetstream import EventStore
 from stepwise_projector import database, schema
+from stepwise_projector.errors import MissingPositionError
 from stepwise_projector.handlers import BatchWriter, Record, decode_record
 from stepwise_projector.projection import Projector
 from support.readmodels import assert_read_models_match_stream, dump, read_model_snapshot
@@ -95,6 +96,27 @@ async def test_batch_fills_positions_missing_before_it(
     assert result.applied == len(records) - 10
     assert result.position == len(records)
     await assert_read_models_match_stream(database_url, events_nats.url)
+
+
+async def test_batch_waits_for_position_not_yet_served(
+    engine: AsyncEngine, store: EventStore, js_client: NATS
+) -> None:
+    # Arrange: a batch whose range includes positions the replica serving direct gets
+    # does not have, as when a follower lags the leader in a cluster.
+    await append_sessions(store)
+    records = await _stream_records(js_client)
+    projector = Projector(engine, js_client.jetstream())
+    await projector.apply(records[:10])
+    beyond = Record(len(records) + 5, records[-1].subject, records[-1].event)
+
+    # Act
+    with pytest.raises(MissingPositionError) as raised:
+        await projector.apply([beyond])
+
+    # Assert: nothing was written, so the retried batch will not skip those positions.
+    assert raised.value.position == len(records) + 1
+    async with engine.connect() as connection:
+        assert await database.read_position(connection) == 10
 
 
 async def test_cold_cache_rebuilds_sessions_from_stream(

@@ -14,3 +14,19 @@ class MigrationError(ProjectorError):
         super().__init__(f"migrating the read models to revision {revision!r} failed: {reason}")
         self.revision = revision
         self.reason = reason
+
+
+class MissingPositionError(ProjectorError):
+    """A stream position inside a batch's range could not be read.
+
+    A direct get may be served by a replica that has not stored the message yet, so
+    the batch is written later, not without the message.
+    """
+
+    def __init__(self, position: int, top: int) -> None:
+        super().__init__(
+            f"stream position {position} (below the batch's last position {top}) was not "
+            "found; the batch is retried until a replica serves it"
+        )
+        self.position = position
+        self.top = top

@@ -28,6 +28,7 @@ from stepwise_libs.health import start_health_server
 from stepwise_libs.jetstream import EventStore, connect, ensure_topology
 
 from . import database
+from .errors import MissingPositionError
 from .handlers import DATABASE_UNAVAILABLE, BatchWriter, Record, decode_record, handle_batch
 from .settings import ProjectorSettings
 
@@ -139,7 +140,7 @@ class Projector:
                 expected += 1
                 continue
             try:
-                # The next message at or after `expected`; stream holes are skipped.
+                # The next message at or after `expected`, from any replica.
                 message = await self._js.get_msg(
                     subjects.EVENTS_STREAM,
                     seq=expected,
@@ -148,10 +149,14 @@ class Projector:
                     direct=True,
                 )
             except NotFoundError:
-                break
+                raise MissingPositionError(expected, top) from None
             position = message.seq or expected
-            if position > top:
-                break
+            if position != expected:
+                # The events stream denies deletes, so every position up to `top` exists on
+                # the leader. A replica that lags returns a later message or none.
+                # NOTE: a stream with a real hole here (a message removed by hand) keeps
+                # this batch failing, with an error logged on each retry.
+                raise MissingPositionError(expected, top)
             if position not in known:
                 known[position] = decode_record(message.subject or "", message.data, position)
                 filled += 1
