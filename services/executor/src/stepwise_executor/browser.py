@@ -356,9 +356,28 @@ class SessionBrowser:
                 logger.warning(
                     "browser-use kill failed", exc_info=True, extra={"session_id": self.session_id}
                 )
-        self.kill_processes()
+        # The scan and the wait for exits take a second or more; keep them off the event loop.
+        await asyncio.to_thread(self.kill_processes)
         shutil.rmtree(self.folder, ignore_errors=True)
         self.pid = None
+
+    def kill_launched_tree(self) -> dict[int, psutil.Process]:
+        """Send SIGKILL to the launched Chromium and its children without waiting for them.
+
+        It reads only this process tree from /proc, so it is quick enough to call on the
+        event loop when a cancel must stop the browser at once."""
+        victims: dict[int, psutil.Process] = {}
+        if self.attached or self.pid is None:
+            return victims
+        try:
+            root = psutil.Process(self.pid)
+            victims[root.pid] = root
+            for child in root.children(recursive=True):
+                victims[child.pid] = child
+        except psutil.NoSuchProcess:
+            pass
+        _kill(victims.values())
+        return victims
 
     def kill_processes(self) -> list[int]:
         """Kill this session's Chromium: the launched process, its children, any using the folder.
@@ -366,17 +385,8 @@ class SessionBrowser:
         An attached session launched nothing and kills nothing: the remote browser is not ours."""
         if self.attached:
             return []
-        victims: dict[int, psutil.Process] = {}
-        if self.pid is not None:
-            try:
-                root = psutil.Process(self.pid)
-                victims[root.pid] = root
-                for child in root.children(recursive=True):
-                    victims[child.pid] = child
-            except psutil.NoSuchProcess:
-                pass
         # The known process tree dies first; the scan of every command line below is slower.
-        _kill(victims.values())
+        victims = self.kill_launched_tree()
         marker = str(self.folder)
         found: dict[int, psutil.Process] = {}
         for process in psutil.process_iter(["pid", "cmdline"]):

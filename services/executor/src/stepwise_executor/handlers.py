@@ -183,7 +183,8 @@ class ExecutorService:
             # Cancel is immediate: the task and the browser end before the command's bookkeeping.
             if live.task is not None:
                 live.task.cancel()
-            live.browser.kill_processes()
+            # Only SIGKILL here: the full sweep runs in a thread when the cancel is handled.
+            live.browser.kill_launched_tree()
         lock = self._locks.setdefault(command.session_id, asyncio.Lock())
         async with lock:
             if command.command_id in self.accepted:
