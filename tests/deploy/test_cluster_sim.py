@@ -367,8 +367,9 @@ class Client:
                         self.changed.set()
                         if message["type"] in done:
                             return message
-            except (websockets.ConnectionClosed, websockets.InvalidStatus, OSError) as error:
-                # The gateway died or lost NATS: resume after the last seq on one that is up.
+            except (websockets.ConnectionClosed, websockets.InvalidHandshake, OSError) as error:
+                # The gateway died (even mid-handshake) or lost NATS: resume after the last
+                # seq on a gateway that is up.
                 closes.append(f"{gateway.name}: {error!r}")
                 assert len(closes) < 100, f"session {run.session_id}: sockets closed: {closes[-5:]}"
                 await asyncio.sleep(0.2)
