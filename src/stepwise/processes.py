@@ -2,7 +2,7 @@
 
 Each service runs in a new session, so a Ctrl-C in the terminal reaches only
 the supervisor, which then stops the services in order. Stopping sends SIGTERM
-to the process group, waits, then sends SIGKILL to the group and to every
+to the service's process, waits, then sends SIGKILL to its group and to every
 descendant found in /proc (a browser may start its own session).
 """
 
@@ -125,12 +125,15 @@ def stop_tree(
 ) -> int | None:
     """Stop a process started by `spawn` and everything it started; return its exit code.
 
-    Sends `first_signal` to its process group, waits up to `timeout` seconds,
-    then sends SIGKILL to the group and to any descendant still alive.
+    Sends `first_signal` to the process alone, waits up to `timeout` seconds,
+    then sends SIGKILL to its group and to any descendant still alive. The first
+    signal spares the children, so the process stops them in its own order. The
+    executor records its running sessions as interrupted and then closes their
+    browsers, which would otherwise die at once and fail the running step.
     """
     tree = descendants(process.pid)
     if process.poll() is None:
-        _signal_group(process.pid, first_signal)
+        _signal_pid(process.pid, first_signal)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:

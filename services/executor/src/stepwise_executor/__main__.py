@@ -36,8 +36,13 @@ async def run(settings: ExecutorSettings, health_at: tuple[str, int] | None = No
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        service.begin_shutdown()
+        stop.set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     consumer = asyncio.create_task(
         run_command_consumer(
             js,

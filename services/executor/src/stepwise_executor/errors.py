@@ -19,6 +19,15 @@ class ExecutorError(Exception):
     """Base of the executor's own errors."""
 
 
+class ExecutorStopping(ExecutorError):
+    """A step or act instruction failed while the executor shuts down.
+
+    SIGTERM may reach the browser too, when a whole process group is signalled, so
+    the failure is no test result. The session is recorded as interrupted instead,
+    and a continue resumes it.
+    """
+
+
 class StepError(ExecutorError):
     """A step could not be run; carries the category reported in `step_failed`."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from .errors import (
     MODEL_ERROR,
     NAVIGATION_BLOCKED,
     TIMEOUT,
+    ExecutorStopping,
     StepError,
     categorize_failure,
 )
@@ -156,6 +158,8 @@ class StepRunner:
         self.state = state
         self.browser = browser
         self.egress = EgressGuard(settings.allowed_hosts, state.session_id)
+        # True once the executor shuts down; a failure seen then is not recorded.
+        self.stopping: Callable[[], bool] = lambda: False
 
     async def append(self, payload: ev.Payload, command_id: str | None) -> ev.Event:
         payload = REGISTRY.redact_payload(payload)
@@ -210,6 +214,8 @@ class StepRunner:
             task = step_text
         blocked_before = len(self.egress.blocked_requests)
         outcome = await self._run_agent(task, task_id, step_number, command_id)
+        if not outcome.success and self.stopping():
+            raise ExecutorStopping(f"the executor is shutting down: {outcome.error}")
         pages_checked = await self._leave_forbidden_pages(screenshot_step)
         blocked_requests = self.egress.blocked_requests[blocked_before:]
         if blocked_requests:

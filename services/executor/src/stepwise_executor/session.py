@@ -15,6 +15,7 @@ from stepwise_libs.jetstream import EventStore
 from stepwise_libs.secrets import delete_secrets
 
 from .browser import SessionBrowser
+from .errors import ExecutorStopping
 from .runner import StepRunner
 from .secrets import REGISTRY
 from .settings import ExecutorSettings
@@ -44,6 +45,7 @@ class LiveSession:
         settings: ExecutorSettings,
         state: SessionState,
         on_browser_closed: Callable[[LiveSession], Awaitable[None]] | None = None,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.js = js
         self.store = store
@@ -57,6 +59,7 @@ class LiveSession:
             cdp_url=settings.browser_cdp_url,
         )
         self.runner = StepRunner(js, store, settings, state, self.browser)
+        self.stopping = self.runner.stopping = stopping
         self.task: asyncio.Task[None] | None = None
         self.task_id: str | None = None
         self.mode = EXECUTION
@@ -87,7 +90,17 @@ class LiveSession:
                 await work
             except asyncio.CancelledError:
                 raise
+            except ExecutorStopping as stopped:
+                # The shutdown records the session as interrupted and closes the browser.
+                logger.info("%s", stopped, extra={"session_id": self.session_id})
             except Exception as error:
+                if self.stopping():
+                    logger.warning(
+                        "session task failed during the shutdown: %s",
+                        error,
+                        extra={"session_id": self.session_id, "task_id": self.task_id},
+                    )
+                    return
                 logger.exception(
                     "session task failed",
                     extra={"session_id": self.session_id, "task_id": self.task_id},
