@@ -14,6 +14,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.kv import KV_DEL, KV_PURGE
 from stepwise_libs import commands as cmd
+from stepwise_libs import events as ev
 from stepwise_libs import subjects
 from stepwise_libs.events import Event
 from stepwise_libs.fold import fold
@@ -357,9 +358,67 @@ async def test_continue_after_stop_reopens_page(
     assert events[types.index("execution_completed")].data["success"] is True
     await wait_for_lease_release(nats_client, sid, within=30)
 
-    # Act mode on the finished session opens another fresh browser on the cart page.
-    await send(
-        nats_client, sid, cmd.Act(task_id="act-s", task='Check that the page shows "Your Cart"')
-    )
-    events = await wait_for_event(store, sid, "act_mode_completed", within=120)
-    assert events[-1].data["url"].endswith("/cart.html")
+    # The finished run takes no act, and cancel and stop leave its result as it is.
+    for body in (
+        cmd.Act(task_id="act-s", task='Check that the page shows "Your Cart"'),
+        cmd.CancelTask(),
+        cmd.StopAll(),
+    ):
+        command = await send(nats_client, sid, body)
+        events = await wait_for_event(
+            store,
+            sid,
+            "command_rejected",
+            within=60,
+            match=lambda e, c=command: e.command_id == c.command_id,
+        )
+        reason = events[-1].data["reason"]
+        assert events[-1].data["code"] == "invalid_state"
+        if isinstance(body, cmd.Act):
+            assert "act runs only on a paused, plan_ready, stopped or interrupted" in reason
+        else:
+            assert "already ended as completed and no browser is open" in reason
+    finished = await store.read(sid)
+    assert "act_mode_started" not in types_of(finished)
+    assert fold(sid, finished).status == "completed"
+
+
+async def test_cancel_and_stop_keep_finished_status(
+    cluster: dict[str, ExecutorProcess], nats_client: NATS, sample_site: SampleSite
+) -> None:
+    """A browser still open on a finished session closes, and the session stays completed."""
+    for body in (cmd.CancelTask(), cmd.StopAll()):
+        store = EventStore(nats_client.jetstream())
+        state = await create_planned_session(store, LOGIN, sample_site.base_url)
+        sid = state.session_id
+        await send(nats_client, sid, cmd.Act(task_id="act-f", task="Open the login page"))
+        await wait_for_event(store, sid, "act_mode_completed", within=120)
+        owner = await owner_of(nats_client, sid)
+        chromium = psutil.Process(cluster[owner].process.pid).children(recursive=True)
+        assert chromium
+        # The events of a run that passed while the act's browser stayed open, as an
+        # executor of an earlier version could leave a session.
+        await store.append(sid, ev.ExecutionStarted(task_id="run-f", from_step=1, total_steps=5))
+        await store.append(
+            sid,
+            ev.ExecutionCompleted(
+                task_id="run-f", passed=5, failed=0, skipped=0, total=5, success=True
+            ),
+        )
+
+        command = await send(nats_client, sid, body)
+        events = await wait_for_event(
+            store,
+            sid,
+            "browser_closed",
+            within=60,
+            match=lambda e, c=command: e.command_id == c.command_id,
+        )
+        assert events[-1].data["reason"] == "closed after the run ended"
+        after = [e.type for e in events if e.command_id == command.command_id]
+        assert after == ["browser_closed"], type(body).__name__
+        _, alive = psutil.wait_procs(chromium, timeout=10)
+        assert alive == []
+        final = fold(sid, await store.read(sid))
+        assert final.status == "completed", type(body).__name__
+        assert final.browser_open is False

@@ -170,3 +170,21 @@ async def test_inventory_page_decisions(pages: Pages) -> None:
 
     name, params = decide(messages, 'Check that the page does not show "Remove"')
     assert (name, params["success"]) == ("done", True)
+
+
+async def test_products_check_fails_after_failed_login(pages: Pages) -> None:
+    for step in (
+        "Open the login page",
+        'Type "standard_user" into "Username"',
+        'Type "wrong" into "Password"',
+        'Click "Login"',
+    ):
+        await pages.run(step)
+    # The login page still says "Log in to see the products.", with a lowercase "products".
+    messages = with_task(await pages.messages(), 'Check that the page shows "Products"')
+    model = OfflineChatModel()
+    names = [next(iter(model.decide(messages).actions[0])) for _ in range(4)]
+    assert names == ["wait", "wait", "wait", "done"]
+    final = model.decide(messages).actions[0]["done"]
+    assert final["success"] is False
+    assert final["text"] == 'Text "Products" was not found on the page'

@@ -200,3 +200,27 @@ async def test_cancel_kills_browser_mid_step(
     assert not any(
         event.data.get("step_number") == 3 for event in all_events if event.type == "step_started"
     )
+
+
+WRONG_PASSWORD = (
+    '1. Open the login page\n2. Type "standard_user" into "Username"\n'
+    '3. Type "wrong" into "Password"\n4. Click "Login"\n5. Check that the page shows "Products"'
+)
+
+
+async def test_failed_login_fails_products_check(
+    executor_process: ExecutorProcess, nats_client: NATS, store: EventStore, sample_site: SampleSite
+) -> None:
+    # The login page reads "Log in to see the products.": only a case-sensitive check fails.
+    state = await create_planned_session(store, WRONG_PASSWORD, sample_site.base_url)
+    command = cmd.new_command(state.session_id, cmd.ExecutePlan(task_id="task-1"))
+    await publish_command(
+        nats_client.jetstream(), subjects.executor_command_subject("execute_plan"), command
+    )
+    events = await wait_for_event(store, state.session_id, "execution_failed", within=180)
+    completed = [e.data["step_number"] for e in events if e.type == "step_completed"]
+    assert completed == [1, 2, 3, 4]
+    failed = [e.data for e in events if e.type == "step_failed"]
+    assert [data["step_number"] for data in failed] == [5]
+    assert 'Text "Products" was not found on the page' in failed[0]["error"]
+    assert events[-1].data["failed_step"] == 5

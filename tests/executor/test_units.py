@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from stepwise_executor.errors import categorize_failure
 from stepwise_executor.models import RETRY_MAX_SECONDS, retry_delay
-from stepwise_executor.offline_model import resolve_url
+from stepwise_executor.offline_model import resolve_url, text_on_page
 from stepwise_executor.page_state import parse_attributes, parse_page_state
 from stepwise_executor.settings import ExecutorSettings
 from stepwise_libs.settings import SettingsError
@@ -114,3 +114,32 @@ Products
     assert link.depth == 1
     assert field.is_text_field
     assert "Products" in page.visible_text.splitlines()
+
+
+LOGIN_PAGE_STATE = """
+Current tab: 01AB
+Available tabs:
+Tab 01AB: http://127.0.0.1:1/ - Login
+Interactive elements:
+[Start of page]
+Stepwise Sample Shop
+Log in to see the products.
+“Sign in”   with your   account
+[End of page]
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("Stepwise Sample Shop", True),
+        ("see the products", True),
+        ("Products", False),
+        ("stepwise sample shop", False),
+        ('"Sign in" with your account', True),
+        ("Sign in with", False),
+    ],
+)
+def test_text_on_page_is_case_sensitive(text: str, shown: bool) -> None:
+    page = parse_page_state(LOGIN_PAGE_STATE)
+    assert text_on_page(page, text) is shown

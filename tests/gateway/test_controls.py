@@ -26,6 +26,7 @@ WRONG_STATES = [
     ("act", "running", "already_running"),
     ("act", "created", "plan_not_ready"),
     ("act", "cancelled", "session_cancelled"),
+    ("act", "completed", "invalid_state"),
     ("run-till-end", "running", "already_running"),
     ("run-till-end", "created", "plan_not_ready"),
     ("run-till-end", "blocked", "step_blocked"),
@@ -89,6 +90,30 @@ async def test_control_in_wrong_state_is_409_and_recorded(
     assert await commands_for(js, built.session_id) == []
 
 
+@pytest.mark.parametrize(
+    ("state", "suggestion"),
+    [
+        ("completed", "create a new session"),
+        ("paused", "send continue"),
+        ("stopped", "send continue"),
+        ("blocked", "send retry-step or skip-step"),
+    ],
+)
+async def test_start_rejection_suggests_working_control(
+    client: httpx.AsyncClient, store: EventStore, state: str, suggestion: str
+) -> None:
+    built = await build_session(store, state)
+
+    response = await client.post(f"/api/sessions/{built.session_id}/start")
+
+    assert response.status_code == 409, response.text
+    message = response.json()["error"]["message"]
+    assert suggestion in message
+    if state == "completed":
+        assert "continue" not in message
+        assert "run-till-end" not in message
+
+
 # (REST path, session state, whether the task id is the running task's)
 RIGHT_STATES = [
     ("start", "plan_ready", False),
@@ -97,7 +122,7 @@ RIGHT_STATES = [
     ("continue", "stopped", True),
     ("act", "paused", False),
     ("act", "plan_ready", False),
-    ("act", "completed", False),
+    ("act", "stopped", False),
     ("run-till-end", "plan_ready", False),
     ("run-till-end", "paused", False),
     ("retry-step", "blocked", True),
@@ -264,6 +289,19 @@ async def test_control_body_is_validated(
 
     assert response.status_code == 422, response.text
     assert response.json()["error"]["field"] == field
+
+
+async def test_empty_act_asks_for_one_instruction(
+    client: httpx.AsyncClient, store: EventStore
+) -> None:
+    built = await build_session(store, "paused")
+
+    response = await client.post(f"/api/sessions/{built.session_id}/act", json={"task": " "})
+
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert message.startswith("task must not be empty; write one instruction")
+    assert "step" not in message
 
 
 async def test_task_status_reports_current_task(

@@ -30,7 +30,19 @@ from stepwise_libs import commands as cmd
 from stepwise_libs import events as ev
 from stepwise_libs import subjects
 from stepwise_libs.commands import InvalidCommand, decode_command
-from stepwise_libs.fold import CANCELLED, PAUSED, RUNNING, SessionState, fold
+from stepwise_libs.fold import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    INTERRUPTED,
+    PAUSED,
+    PLAN_READY,
+    RUNNING,
+    STOPPED,
+    TIMED_OUT,
+    SessionState,
+    fold,
+)
 from stepwise_libs.jetstream import LEASE_TTL_SECONDS, EventStore, connect
 
 from .browser import SessionBrowser
@@ -42,6 +54,7 @@ from .session import (
     RUN_TILL_END,
     STOP_ALL_FLAG,
     LiveSession,
+    clear_control_flag,
     set_control_flag,
 )
 from .settings import ExecutorSettings
@@ -54,6 +67,13 @@ FORWARD_TIMEOUT_SECONDS = 15.0
 ACCEPTED = b"accepted"
 # Statuses in which a session may still hold a browser that an owner's death would strand.
 LIVE_STATUSES = frozenset({RUNNING, PAUSED})
+# Statuses of a run that ended with a result, which cancel and stop must keep.
+FINISHED_STATUSES = frozenset({COMPLETED, FAILED, TIMED_OUT})
+# Statuses in which an act instruction may run: the browser is free and the run is not over.
+ACT_STATUSES = frozenset({PAUSED, PLAN_READY, STOPPED, INTERRUPTED})
+# Reason of the `browser_closed` that cancel or stop records on a finished session. It is not
+# `stop_all`, so the session keeps its completed, failed or timed_out status.
+FINISHED_CLOSE_REASON = "closed after the run ended"
 
 Ack = Callable[[], Awaitable[None]]
 
@@ -231,6 +251,15 @@ class ExecutorService:
             return "not_found", f"session {command.session_id} has no events"
         live = self.sessions.get(command.session_id)
         busy = live is not None and live.busy
+        if isinstance(body, (cmd.CancelTask, cmd.StopAll)) and state.status in FINISHED_STATUSES:
+            # Only a browser this executor still has open is left to close. The result stays.
+            if live is not None:
+                return None
+            return (
+                "invalid_state",
+                f"the run already ended as {state.status} and no browser is open; "
+                f"{command.type} does not change a finished run's result",
+            )
         if isinstance(body, cmd.CancelTask):
             return (
                 ("invalid_state", "session is already cancelled")
@@ -292,8 +321,14 @@ class ExecutorService:
         if isinstance(body, cmd.Act):
             if state.status == RUNNING or busy:
                 return "invalid_state", "session is running; pause it before act mode"
+            if state.status not in ACT_STATUSES:
+                return (
+                    "invalid_state",
+                    f"session is {state.status}; act runs only on a paused, plan_ready, stopped "
+                    "or interrupted session",
+                )
             if not body.task.strip():
-                return "invalid_command", "act instruction is empty"
+                return "invalid_command", "act instruction is empty; write one instruction"
             return self._model_problem(state)
         if isinstance(body, cmd.StopAll):
             if state.status == "stopped" and not state.browser_open and not busy:
@@ -361,6 +396,8 @@ class ExecutorService:
             live.resume(body.task_id, cid, skip_step=state.blocked_step)
         elif isinstance(body, cmd.Act):
             self._live(state).start_act(body.task_id, cid, body.task, body.previous_context)
+        elif isinstance(body, (cmd.StopAll, cmd.CancelTask)) and state.status in FINISHED_STATUSES:
+            await self._close_finished(state, cid)
         elif isinstance(body, cmd.PauseExecution):
             # The in-memory request comes first, so the event carries this command's id.
             # The flag in the control bucket also reaches the owner's watch.
@@ -376,6 +413,23 @@ class ExecutorService:
         elif isinstance(body, cmd.CancelTask):
             await set_control_flag(self.js, state.session_id, CANCEL_FLAG)
             await self._live(state).cancel(cid)
+
+    async def _close_finished(self, state: SessionState, command_id: str) -> None:
+        """Close the browser still open on a finished session without changing its status."""
+        live = self.sessions[state.session_id]
+        task = live.task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(task), timeout=2)
+        # The gateway put a cancel flag into the control bucket, and a finished run needs none.
+        await clear_control_flag(self.js, state.session_id)
+        await live.close_browser(FINISHED_CLOSE_REASON, command_id, force_event=True)
+        logger.info(
+            "closed the browser of a finished session; its status stays %s",
+            state.status,
+            extra={"session_id": state.session_id, "command_id": command_id},
+        )
 
     async def _browser_closed(self, live: LiveSession) -> None:
         if self.sessions.get(live.session_id) is live:

@@ -188,9 +188,24 @@ def _kind_matches(element: PageElement, kinds: str) -> bool:
     return True
 
 
+# Curly quotes count as straight ones, so a step typed with "..." finds text shown with “...”.
+_STRAIGHT_QUOTES = str.maketrans(
+    {"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201c": '"', "\u201d": '"', "\u201e": '"'}
+)
+
+
+def normalize_text(value: str) -> str:
+    """Collapse whitespace runs to one space and replace typographic quotes with straight ones."""
+    return " ".join(value.split()).translate(_STRAIGHT_QUOTES)
+
+
 def text_on_page(page: PageState, text: str) -> bool:
-    visible = page.visible_text
-    return text in visible or _fold(text) in _fold(visible)
+    """Tell whether `text` is a case-sensitive substring of the page's visible text.
+
+    Case counts, as in Playwright's `toContainText` without `ignoreCase`, so a check for
+    "Products" fails on a login page that only shows "see the products".
+    """
+    return normalize_text(text) in normalize_text(page.visible_text)
 
 
 class OfflineChatModel(BaseChatModel):

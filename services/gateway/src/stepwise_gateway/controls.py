@@ -154,8 +154,17 @@ def check_start(state: SessionState) -> None:
     if state.status != states.PLAN_READY:
         raise Rejection(
             f"the session is {state.status}, and start runs a plan only from plan_ready; "
-            "use continue or run-till-end, or create a new session",
+            + _start_alternative(state),
         )
+
+
+def _start_alternative(state: SessionState) -> str:
+    """Name the control that works in place of start, in a state other than plan_ready."""
+    if state.status == states.PAUSED and state.blocked_step is not None:
+        return f"send retry-step or skip-step for failed step {state.blocked_step}"
+    if state.status in (states.PAUSED, states.STOPPED, states.INTERRUPTED):
+        return "send continue to resume the run"
+    return "create a new session to run the test case again"
 
 
 def check_run_till_end(state: SessionState) -> None:
@@ -188,15 +197,8 @@ def check_continue(state: SessionState) -> None:
     _steps_remain(state)
 
 
-ACT_STATUSES = (
-    states.PAUSED,
-    states.PLAN_READY,
-    states.STOPPED,
-    states.COMPLETED,
-    states.FAILED,
-    states.INTERRUPTED,
-    states.TIMED_OUT,
-)
+# A finished run (completed, failed, timed_out) takes no act, so its result and browser stay closed.
+ACT_STATUSES = (states.PAUSED, states.PLAN_READY, states.STOPPED, states.INTERRUPTED)
 
 
 def check_act(state: SessionState) -> None:
@@ -208,7 +210,8 @@ def check_act(state: SessionState) -> None:
     _plan_exists(state)
     if state.status not in ACT_STATUSES:
         raise Rejection(
-            f"the session is {state.status}; act runs on a paused or plan_ready session"
+            f"the session is {state.status}; act runs only on a paused, plan_ready, stopped "
+            "or interrupted session"
         )
     _no_act_running(state)
 

@@ -27,12 +27,19 @@ _GEMINI_MODEL = re.compile(r"gemini-[A-Za-z0-9][A-Za-z0-9.\-]{0,120}")
 # Session ids become part of a NATS subject, so only subject-safe characters are allowed.
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]+")
+# Hints for a required text field that arrived empty, by field. An act task is one instruction.
+_EMPTY_HINTS = {
+    "test_case": "write at least one step",
+    "task_prompt": "write at least one step",
+    "task": 'write one instruction, like Click "Login"',
+}
 
 
 def check_text(value: str, field: str, max_chars: int, *, required: bool = True) -> str:
     """Return `value` if it is non-empty, short enough and free of control characters."""
     if required and not value.strip():
-        raise InvalidInput(f"{field} must not be empty; write at least one step", field=field)
+        hint = _EMPTY_HINTS.get(field, "send a value with at least one visible character")
+        raise InvalidInput(f"{field} must not be empty; {hint}", field=field)
     if len(value) > max_chars:
         raise InvalidInput(
             f"{field} has {len(value):,} characters, more than the maximum of {max_chars:,}; "

@@ -3,7 +3,7 @@
 // event number show what the gateway and the read models see.
 
 export const ACT_STATUSES = new Set([
-  "paused", "plan_ready", "stopped", "completed", "failed", "interrupted", "timed_out",
+  "paused", "plan_ready", "stopped", "interrupted",
 ]);
 
 export function emptyState(sessionId) {
