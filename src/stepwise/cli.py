@@ -153,6 +153,10 @@ def _read_test_case(text: str | None, file: Path | None) -> str:
     if text is not None and file is not None:
         raise _fail_usage("pass the test case either as an argument or with --file, not both")
     if file is not None:
+        if file.is_dir():
+            raise _fail_usage(
+                f"the test case file {file} is a directory; pass the path of a text file"
+            )
         if not file.is_file():
             raise _fail_usage(f"test case file not found: {file}")
         try:

@@ -65,6 +65,17 @@ def test_run_rejects_text_and_file_together(runner: CliRunner, tmp_path: Path) -
     assert "either as an argument or with --file, not both" in result.output
 
 
+def test_run_rejects_directory_as_file(runner: CliRunner, tmp_path: Path) -> None:
+    folder = tmp_path / "qa"
+    folder.mkdir()
+
+    result = runner.invoke(app, ["run", "--url", "http://127.0.0.1/", "--file", str(folder)])
+
+    assert result.exit_code == 2, result.output
+    assert f"the test case file {folder} is a directory" in result.output
+    assert "not found" not in result.output
+
+
 def test_run_rejects_empty_file(runner: CliRunner, tmp_path: Path) -> None:
     case = tmp_path / "empty.txt"
     case.write_text("\n  \n")
