@@ -254,13 +254,17 @@ class EventStore:
         self._tails: dict[str, _Tail] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def last(self, session_id: str) -> tuple[int, int]:
-        """Return (stream position, seq) of the session's last event, or (0, 0) if it has none."""
+    async def last(self, session_id: str, *, direct: bool = True) -> tuple[int, int]:
+        """Return (stream position, seq) of the session's last event, or (0, 0) if it has none.
+
+        A direct get may be served by a replica that lags the stream leader, so pass
+        `direct=False` to ask the leader.
+        """
         try:
             message = await self._js.get_msg(
                 subjects.EVENTS_STREAM,
                 subject=subjects.session_events_subject(session_id),
-                direct=True,
+                direct=direct,
             )
         except NotFoundError:
             return 0, 0

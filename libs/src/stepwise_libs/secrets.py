@@ -19,9 +19,11 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from . import subjects
 
 # A placeholder: `{{name}}`, the name a letter or underscore and then up to 63 letters,
-# digits or underscores.
+# digits or underscores. Spaces or tabs may surround the name, as in `{{ name }}`.
 SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-PLACEHOLDER = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]{0,63})\}\}")
+PLACEHOLDER = re.compile(r"\{\{[ \t]*([A-Za-z_][A-Za-z0-9_]{0,63})[ \t]*\}\}")
+# Text that reads as a placeholder: one word without braces or blanks inside `{{ }}`.
+PLACEHOLDER_LIKE = re.compile(r"\{\{[ \t]*([^{}\s]+)[ \t]*\}\}")
 MAX_SECRETS = 50
 MAX_SECRET_VALUE_BYTES = 4096
 
@@ -39,6 +41,15 @@ class SecretsNotFoundError(LookupError):
 def placeholders(text: str) -> list[str]:
     """Return the secret names that `text` refers to as `{{name}}`, once each, in order."""
     return list(dict.fromkeys(PLACEHOLDER.findall(text)))
+
+
+def invalid_placeholders(text: str) -> list[str]:
+    """Return each `{{...}}` in `text` that reads as a placeholder but whose name is invalid."""
+    return [
+        match.group(0)
+        for match in PLACEHOLDER_LIKE.finditer(text)
+        if not SECRET_NAME.fullmatch(match.group(1))
+    ]
 
 
 def to_secret_tags(text: str) -> str:

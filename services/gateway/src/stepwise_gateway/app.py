@@ -33,7 +33,7 @@ same socket, like `{"command": "pause_execution"}`; the reply is
 `{"type": "pause_queued", "task_id": ...}` or `{"type": "command_rejected", "reason": ...}`.
 Events carry a `seq`; replies do not.
 Close codes: 4401 missing or invalid API token, 4403 cookie sent from another origin,
-4404 unknown session, 4422 invalid `since`, 4008 the client fell too
+4404 unknown session, 4422 invalid `since` or one after the last seq, 4008 the client fell too
 far behind (reconnect with `since` set to the last seq received), 1013 NATS
 unavailable. The server pings every STEPWISE_WS_PING_INTERVAL seconds (20 by default)
 and drops a client that sends no pong within STEPWISE_WS_PING_TIMEOUT seconds.

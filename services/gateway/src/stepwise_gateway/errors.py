@@ -36,6 +36,23 @@ class InvalidInput(GatewayError):
     code = "invalid_input"
 
 
+class SinceAfterLastSeq(InvalidInput):
+    """A `since` past the session's last seq, which no client that read the stream can have."""
+
+    def __init__(self, field: str, since: int, last_seq: int) -> None:
+        super().__init__(
+            f"{field}={since} is after the last seq {last_seq} of this session; "
+            f"pass the seq of the last event you received, at most {last_seq}",
+            field=field,
+        )
+        self.last_seq = last_seq
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        body["error"]["last_seq"] = self.last_seq
+        return body
+
+
 class SessionNotFound(GatewayError):
     status_code = 404
     code = "session_not_found"
@@ -99,11 +116,26 @@ def _field_name(location: Sequence[Any]) -> str | None:
     return ".".join(parts) or None
 
 
+def _encodable(text: str) -> str:
+    # A JSON key can be an unpaired surrogate, which the response encoder cannot write.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _validation_field(error: dict[str, Any]) -> str | None:
+    if error.get("type") == "json_invalid":
+        return "body"
+    field = _field_name(error.get("loc", ()))
+    return _encodable(field) if field is not None else None
+
+
 def _validation_message(error: dict[str, Any], field: str | None) -> str:
     message = str(error.get("msg", "invalid value"))
     message = message.removeprefix("Value error, ")
     if error.get("type") == "json_invalid":
-        return "request body is not valid JSON: " + str(error.get("ctx", {}).get("error", message))
+        reason = str(error.get("ctx", {}).get("error", message))
+        return f"request body is not valid JSON ({reason}); send a JSON object"
+    if field == "body" and error.get("type") in ("model_attributes_type", "dict_type"):
+        return "request body must be a JSON object with the fields this endpoint takes"
     if error.get("type") == "missing":
         return f"{field} is required" if field else "a required value is missing"
     if error.get("type") == "extra_forbidden":
@@ -115,13 +147,13 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
     errors = list(error.errors())
     first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
-    field = _field_name(first.get("loc", ()))
+    field = _validation_field(first)
     code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_input"
-    body = error_body(code, _validation_message(first, field), field)
+    body = error_body(code, _encodable(_validation_message(first, field)), field)
     body["error"]["details"] = [
         {
-            "field": _field_name(item.get("loc", ())),
-            "message": _validation_message(item, _field_name(item.get("loc", ()))),
+            "field": _validation_field(item),
+            "message": _encodable(_validation_message(item, _validation_field(item))),
             "type": item.get("type"),
         }
         for item in errors

@@ -22,6 +22,8 @@ from .validation import (
     MAX_INSTRUCTION_CHARS,
     MAX_TEST_CASE_CHARS,
     check_idempotency_key,
+    check_json_unicode,
+    check_placeholder_names,
     check_text,
 )
 
@@ -73,6 +75,7 @@ def _string_field(message: dict[str, Any], name: str) -> str | None:
 def _params(control_name: str, message: dict[str, Any]) -> dict[str, Any]:
     if control_name == "act":
         task = check_text(_string_field(message, "task") or "", "task", MAX_INSTRUCTION_CHARS)
+        check_placeholder_names(task, "task")
         context = _string_field(message, "previous_context")
         if context is not None:
             check_text(context, "previous_context", MAX_CONTEXT_CHARS, required=False)
@@ -81,6 +84,7 @@ def _params(control_name: str, message: dict[str, Any]) -> dict[str, Any]:
         prompt = check_text(
             _string_field(message, "task_prompt") or "", "task_prompt", MAX_TEST_CASE_CHARS
         )
+        check_placeholder_names(prompt, "task_prompt")
         return {"task_prompt": prompt}
     return {}
 
@@ -98,10 +102,23 @@ async def handle(runtime: Runtime, session_id: str, text: str) -> dict[str, Any]
             None,
             None,
         )
+    try:
+        # The reply echoes request_id and the log names the command, so neither may contain
+        # text that cannot be encoded.
+        check_json_unicode(message, "")
+    except InvalidInput as error:
+        return _error(error.code, error.message, error.field, None)
     request_id = message.get("request_id")
     name = message.get("command")
+    known = ", ".join(sorted([*ALIASES, TASK_STATUS]))
+    if "command" not in message:
+        return _error(
+            "missing_command",
+            f'the command field is missing; send {{"command": NAME}} with NAME one of: {known}',
+            "command",
+            request_id,
+        )
     if name != TASK_STATUS and name not in ALIASES:
-        known = ", ".join(sorted([*ALIASES, TASK_STATUS]))
         return _error(
             "unknown_command",
             f"unknown command {name!r}; use one of: {known}",

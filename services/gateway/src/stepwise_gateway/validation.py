@@ -10,6 +10,7 @@ from stepwise_libs.secrets import (
     MAX_SECRET_VALUE_BYTES,
     MAX_SECRETS,
     SECRET_NAME,
+    invalid_placeholders,
     placeholders,
 )
 from stepwise_libs.settings import OFFLINE_MODEL
@@ -35,8 +36,50 @@ _EMPTY_HINTS = {
 }
 
 
+def check_unicode(value: str, field: str) -> str:
+    """Return `value` if it has no unpaired surrogate, which no UTF-8 encoder accepts.
+
+    JSON can carry one as an escape such as "\\ud800", and Python decodes it into a str.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidInput(
+            f"{field} contains an unpaired surrogate U+{ord(value[error.start]):04X} "
+            f"(invalid Unicode) at position {error.start}; send valid UTF-8 text",
+            field=field,
+        ) from None
+    return value
+
+
+def check_json_unicode(value: object, field: str) -> None:
+    """Raise InvalidInput if any string or key inside a decoded JSON value has a surrogate."""
+    if isinstance(value, str):
+        check_unicode(value, field)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_unicode(str(key), f"a key of {field}" if field else "a key")
+            check_json_unicode(item, f"{field}.{key}" if field else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_json_unicode(item, f"{field}.{index}")
+
+
+def check_placeholder_names(text: str, field: str) -> None:
+    """Raise InvalidInput if `text` has `{{...}}` that looks like a placeholder but is invalid."""
+    bad = invalid_placeholders(text)
+    if bad:
+        raise InvalidInput(
+            f"{field} has the placeholder {bad[0][:80]!r} with an invalid name: a name is a "
+            "letter or underscore and then up to 63 letters, digits or underscores, "
+            "as in {{password}}",
+            field=field,
+        )
+
+
 def check_text(value: str, field: str, max_chars: int, *, required: bool = True) -> str:
-    """Return `value` if it is non-empty, short enough and free of control characters."""
+    """Return `value` if it is valid Unicode, non-empty, short enough and has no control codes."""
+    check_unicode(value, field)
     if required and not value.strip():
         hint = _EMPTY_HINTS.get(field, "send a value with at least one visible character")
         raise InvalidInput(f"{field} must not be empty; {hint}", field=field)
@@ -58,6 +101,7 @@ def check_text(value: str, field: str, max_chars: int, *, required: bool = True)
 
 def check_target_url(value: str, field: str = "target_url") -> str:
     """Return the URL without surrounding blanks if it is an absolute http(s) URL with a host."""
+    check_unicode(value, field)
     url = value.strip()
     if not url:
         raise InvalidInput(
@@ -144,6 +188,7 @@ def check_secrets(secrets: dict[str, str] | None, test_case: str) -> dict[str, s
             )
         if not value:
             raise InvalidInput(f"{field}.{name} must not be empty", field=f"{field}.{name}")
+        check_unicode(value, f"{field}.{name}")
         size = len(value.encode("utf-8", "surrogatepass"))
         if size > MAX_SECRET_VALUE_BYTES:
             raise InvalidInput(
@@ -151,6 +196,7 @@ def check_secrets(secrets: dict[str, str] | None, test_case: str) -> dict[str, s
                 f"{MAX_SECRET_VALUE_BYTES:,} bytes",
                 field=f"{field}.{name}",
             )
+    check_placeholder_names(test_case, "test_case")
     for name in placeholders(test_case):
         if name not in secrets:
             raise InvalidInput(

@@ -21,6 +21,7 @@ from stepwise_gateway.validation import (
     MAX_CONTEXT_CHARS,
     MAX_INSTRUCTION_CHARS,
     MAX_TEST_CASE_CHARS,
+    check_placeholder_names,
     check_text,
 )
 
@@ -96,6 +97,7 @@ async def act(
     session_id: SessionId, body: ActRequest, runtime: RuntimeDep, key: IdempotencyKey
 ) -> QueuedResponse:
     task = check_text(body.task, "task", MAX_INSTRUCTION_CHARS)
+    check_placeholder_names(task, "task")
     context = body.previous_context
     if context is not None:
         check_text(context, "previous_context", MAX_CONTEXT_CHARS, required=False)
@@ -144,6 +146,7 @@ async def continue_plan(
     session_id: SessionId, body: ContinuePlanRequest, runtime: RuntimeDep, key: IdempotencyKey
 ) -> QueuedResponse:
     prompt = check_text(body.task_prompt, "task_prompt", MAX_TEST_CASE_CHARS)
+    check_placeholder_names(prompt, "task_prompt")
     return await _queue(runtime, session_id, "continue_plan", key, {"task_prompt": prompt})
 
 

@@ -7,7 +7,7 @@ import uuid
 from typing import Annotated, Any
 
 import nats.errors
-from fastapi import APIRouter, Depends, Query, status
+from fastapi import APIRouter, Depends, Query, Response, status
 from stepwise_libs import subjects
 from stepwise_libs.commands import GeneratePlan, new_command
 from stepwise_libs.events import SessionCreated
@@ -208,6 +208,10 @@ async def get_sessions(
     return SessionList(sessions=sessions, next_cursor=next_cursor)
 
 
+# Set on a wait_for_seq read that timed out before the session reached that seq.
+WAIT_TIMED_OUT_HEADER = "X-Stepwise-Wait-Timed-Out"
+
+
 @router.get(
     "/{session_id}",
     response_model=SessionDetail,
@@ -217,6 +221,7 @@ async def get_sessions(
 async def get_session(
     session_id: Annotated[str, Depends(session_id_path)],
     runtime: Annotated[Runtime, Depends(get_runtime)],
+    response: Response,
     wait_for_seq_: Annotated[
         int | None,
         Query(
@@ -224,9 +229,19 @@ async def get_session(
             ge=0,
             description="Wait, at most STEPWISE_MAX_WAIT_FOR_SEQ seconds (10 by default), until "
             "the read model includes this event seq; if it still lags then, "
-            "the answer is folded from the event stream.",
+            "the answer is folded from the event stream. When that answer still lacks "
+            f"the seq too, the response has the header {WAIT_TIMED_OUT_HEADER}: true.",
         ),
     ] = None,
+) -> SessionDetail:
+    detail = await _read_session(session_id, runtime, wait_for_seq_)
+    if wait_for_seq_ is not None and detail.last_seq < wait_for_seq_:
+        response.headers[WAIT_TIMED_OUT_HEADER] = "true"
+    return detail
+
+
+async def _read_session(
+    session_id: str, runtime: Runtime, wait_for_seq_: int | None
 ) -> SessionDetail:
     async with database_errors():
         caught_up = True

@@ -6,7 +6,7 @@ commands, such as `{"command": "pause_execution"}`, and replies to each on the
 same socket. Events carry a `seq` and replies do not.
 
 Close codes: 4401 missing or invalid API token (see auth.py), 4404 unknown
-session, 4422 invalid `since`, 4008 the client fell more than
+session, 4422 invalid `since` or one after the session's last seq, 4008 the client fell more than
 STEPWISE_CLIENT_BUFFER messages behind (reconnect with since=<last seq
 received>), 1013 NATS unavailable. The server pings every
 STEPWISE_WS_PING_INTERVAL seconds and drops a client that sends no pong within
@@ -24,10 +24,16 @@ from typing import Annotated
 import msgspec
 from fastapi import APIRouter, Depends, Header, Query, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
+from stepwise_libs.jetstream import EventStore
 
 from stepwise_gateway import socket_commands
 from stepwise_gateway.dependencies import get_runtime, runtime_of, session_id_path
-from stepwise_gateway.errors import GatewayError, InvalidInput, SessionNotFound
+from stepwise_gateway.errors import (
+    GatewayError,
+    InvalidInput,
+    SessionNotFound,
+    SinceAfterLastSeq,
+)
 from stepwise_gateway.history import read_after_time
 from stepwise_gateway.metrics import EVENTS_SENT, SLOW_CLIENT_CLOSES
 from stepwise_gateway.pump import (
@@ -90,6 +96,7 @@ async def read_events(
         _, last_seq = await store.last(session_id)
         if last_seq == 0:
             raise SessionNotFound(session_id)
+        last_seq = await _check_since(store, session_id, since, last_seq, "since")
         if since_time is None:
             events = await store.read(session_id, since, limit)
         else:
@@ -115,6 +122,7 @@ async def read_events(
             "description": "Each event as `id: <seq>`, `event: <type>`, `data: <envelope>`.",
         },
         404: {"model": ErrorResponse, "description": "Unknown session."},
+        422: {"model": ErrorResponse, "description": "since after the session's last seq."},
     },
     summary="Stream a session's events as server-sent events after since or Last-Event-ID",
 )
@@ -124,17 +132,20 @@ async def stream_events(
     since: Annotated[int, Query(ge=0, description="Send events with seq greater than this.")] = 0,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
+    since_field = "since"
     if last_event_id is not None:
         if not last_event_id.isdigit():
             raise InvalidInput(
                 f"Last-Event-ID {last_event_id!r} is not an event seq", field="Last-Event-ID"
             )
-        since = max(since, int(last_event_id))
+        if int(last_event_id) > since:
+            since, since_field = int(last_event_id), "Last-Event-ID"
     _, store = runtime.jetstream()
     with nats_errors(f"reading the events of session {session_id}"):
         _, last_seq = await store.last(session_id)
-    if last_seq == 0:
-        raise SessionNotFound(session_id)
+        if last_seq == 0:
+            raise SessionNotFound(session_id)
+        last_seq = await _check_since(store, session_id, since, last_seq, since_field)
     capacity = runtime.settings.client_buffer
 
     async def frames() -> AsyncIterator[bytes]:
@@ -200,6 +211,14 @@ async def session_socket(websocket: WebSocket, session_id: str) -> None:
     if last_seq == 0:
         await _close(websocket, session_id, CLOSE_NOT_FOUND, f"no session with id {session_id!r}")
         return
+    try:
+        last_seq = await _check_since(store, session_id, int(since_text), last_seq, "since")
+    except SinceAfterLastSeq as error:
+        await _close(websocket, session_id, CLOSE_INVALID, error.message)
+        return
+    except Exception as error:  # any NATS failure means: try again later
+        await _close(websocket, session_id, CLOSE_UNAVAILABLE, f"NATS unavailable: {error}")
+        return
 
     feed, subscriber, replay = runtime.feeds.join(
         store, session_id, int(since_text), runtime.settings.client_buffer, last_seq
@@ -224,6 +243,23 @@ async def session_socket(websocket: WebSocket, session_id: str) -> None:
     finally:
         await cancel_all(receiver, sender, stopped)
         await runtime.feeds.leave(feed, subscriber, replay)
+
+
+async def _check_since(
+    store: EventStore, session_id: str, since: int, last_seq: int, field: str
+) -> int:
+    """Return the session's last seq, or raise SinceAfterLastSeq if `since` is past it.
+
+    Seqs are dense, so a client that read the stream has a since of at most the last
+    seq. `last_seq` may come from a replica that lags, so a larger since is checked
+    again against the stream leader before it is rejected.
+    """
+    if since <= last_seq:
+        return last_seq
+    _, last_seq = await store.last(session_id, direct=False)
+    if since > last_seq:
+        raise SinceAfterLastSeq(field, since, last_seq)
+    return last_seq
 
 
 async def _stopped(subscriber: Subscriber) -> None:
