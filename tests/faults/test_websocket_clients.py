@@ -81,6 +81,46 @@ async def _read_all(socket_: Any, count: int, seconds: float) -> list[dict[str, 
     return received
 
 
+async def test_resume_far_behind_reads_whole_backlog(buffer_stack: Stack) -> None:
+    """A client resuming with a backlog much larger than its buffer reads it at its own pace."""
+    stack = buffer_stack
+    session_id = await _planned_session(stack)
+    client = await connect(stack.nats_url, "tests-faults")
+    store = EventStore(client.jetstream())
+    # 10 MB: more than the feed's cache of recent frames, so the resuming client's
+    # backlog is replayed from the stream, and far more than its buffer of 8 events.
+    backlog, size = 100, 100_000
+    _, base_seq = await store.last(session_id)
+    # A live client keeps the session's shared feed running at the end of the stream.
+    live = await websockets.connect(_ws_url(stack, session_id, base_seq), max_size=None)
+    try:
+
+        async def append() -> None:
+            for index in range(backlog):
+                await store.append(
+                    session_id,
+                    ev.CommandRejected(
+                        command_type="flood", reason=f"{index} " + "x" * size, code="flood"
+                    ),
+                )
+
+        await asyncio.gather(append(), _read_all(live, backlog, 120))
+        last_seq = base_seq + backlog
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32_768)
+        raw.setblocking(False)
+        host, port = stack.gateway_url.removeprefix("http://").split(":")
+        await asyncio.get_running_loop().sock_connect(raw, (host, int(port)))
+        async with websockets.connect(
+            _ws_url(stack, session_id), sock=raw, max_queue=1, max_size=None, compression=None
+        ) as resumed:
+            received = await _read_all(resumed, last_seq, 120)
+        assert [event["seq"] for event in received] == list(range(1, last_seq + 1))
+    finally:
+        await live.close()
+        await client.close()
+
+
 async def test_client_that_never_reads_is_closed_and_resumes(buffer_stack: Stack) -> None:
     stack = buffer_stack
     session_id = await _planned_session(stack)

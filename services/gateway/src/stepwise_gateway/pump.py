@@ -219,8 +219,10 @@ class SessionFeed:
     async def replay(self, subscriber: Subscriber, cached: list[Frame] | None) -> None:
         """Give the subscriber what it misses until it catches up with the feed.
 
-        Cached frames wait for room in the outbox. Events read from the stream do not
-        wait, so a client that cannot keep up with that replay is closed as too slow.
+        Cached frames and events read from the stream both wait for room in the outbox,
+        so a client resuming far behind reads its backlog at its own pace. Live frames
+        that arrive meanwhile are held, and dropped to be read from the stream when the
+        held list outgrows the buffer.
         """
         try:
             for frame in cached or ():
@@ -233,6 +235,7 @@ class SessionFeed:
             tail = self.store.tail(self.session_id, subscriber.queued)
             async with contextlib.aclosing(tail) as events:
                 async for event in events:
+                    await subscriber.outbox.wait_for_room()
                     subscriber.queue(Frame(event))
                     if subscriber.outbox.overflowed.is_set() or self._caught_up(subscriber):
                         return
