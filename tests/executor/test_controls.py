@@ -186,6 +186,21 @@ async def test_act_mode_starts_browser_and_stop_all(
     assert fold(sid, await store.read(sid)).status == "stopped"
 
 
+async def test_first_act_starts_on_target_url(
+    cluster: dict[str, ExecutorProcess], nats_client: NATS, sample_site: SampleSite
+) -> None:
+    store = EventStore(nats_client.jetstream())
+    state = await create_planned_session(store, LOGIN, sample_site.base_url)
+    sid = state.session_id
+    await send(nats_client, sid, cmd.Act(task_id="act-t", task='Type "ada" into "Username"'))
+    # On a blank page the act fails with element_not_found, and this wait lists it.
+    events = await wait_for_event(store, sid, "act_mode_completed", within=120)
+    assert [a["name"] for a in events[-1].data["actions"]] == ["input"]
+    assert events[-1].data["url"].startswith(sample_site.base_url)
+    await send(nats_client, sid, cmd.StopAll())
+    await wait_for_event(store, sid, "browser_closed", within=60)
+
+
 RETRYABLE = '1. Open the login page\n2. Check that the page shows "Username and password do not match"\n3. Type "standard_user" into "Username"'
 
 

@@ -272,9 +272,15 @@ class StepRunner:
             )
             return ""
 
-    async def _reopen_page(self, session: BrowserSession) -> None:
-        """In a fresh browser of a session that already ran, open the page it was on."""
+    async def _reopen_page(self, session: BrowserSession, is_act: bool) -> None:
+        """In a fresh browser of a session that already ran, open the page it was on.
+
+        An act-mode instruction in a session that ran nothing starts on the target URL,
+        because one instruction like 'Type "ada" into "Username"' cannot open the site
+        itself, unlike a plan whose first step does."""
         url = resume_url(self.state)
+        if url is None and is_act:
+            url = self.state.target_url or None
         if url is None:
             return
         logger.info(
@@ -322,7 +328,7 @@ class StepRunner:
             session = await self.browser.start()
             if fresh:
                 await self._guard_egress(session)
-                await self._reopen_page(session)
+                await self._reopen_page(session, is_act=step_number is None)
             llm = self._model(task_id, step_number, command_id)
         except StepError as error:
             return StepOutcome(success=False, error=error.message, category=error.category)
