@@ -9,7 +9,7 @@ supervisor's own tools and tests, and for an operator inspecting the server.
 
 Passwords are random, generated on the first `up` and stored in
 `$STEPWISE_HOME/nats-users.json` with mode 0600. The server config refers to
-them as environment variables, so no config file holds a password.
+them as environment variables, so no config file contains a password.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Secret values for `stepwise run`: from `--secret` options and `STEPWISE_SECRET_<name>` variables.
 
 A test case names a secret as `{{name}}`. `--secret name=VALUE` gives the value
-on the command line; `--secret name` and every placeholder without a `--secret`
-take it from the environment variable `STEPWISE_SECRET_<name>` (or the same with
-the name in upper case), so a CI job passes its secrets without them showing in
+on the command line. `--secret name`, and every placeholder without a `--secret`,
+takes it from the environment variable `STEPWISE_SECRET_<name>` (or the same with
+the name in upper case). So a CI job passes its secrets without them showing in
 the process list.
 """
 

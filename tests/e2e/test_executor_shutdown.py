@@ -207,9 +207,7 @@ def _ended(events: list[dict[str, Any]]) -> bool:
 
 
 @pytest.mark.timeout(900)
-def test_ctrl_c_of_up_during_run_interrupts_and_continue_finishes(
-    home: Path, slow_site: SlowSite
-) -> None:
+def test_up_ctrl_c_interrupts_run(home: Path, slow_site: SlowSite) -> None:
     command = [*STEPWISE, "up", "--port", str(free_port())]
 
     first = subprocess.Popen(

@@ -180,7 +180,7 @@ async def test_products_check_fails_after_failed_login(pages: Pages) -> None:
         'Click "Login"',
     ):
         await pages.run(step)
-    # The login page still says "Log in to see the products.", with a lowercase "products".
+    # The login page still shows "Log in to see the products.", with a lowercase "products".
     messages = with_task(await pages.messages(), 'Check that the page shows "Products"')
     model = OfflineChatModel()
     names = [next(iter(model.decide(messages).actions[0])) for _ in range(4)]

@@ -138,8 +138,8 @@ async def ensure_topology(
             await _create_topology(js, replicas)
             return
         except (NatsTimeoutError, NoRespondersError, NoStreamResponseError, APIError) as error:
-            # A forming or electing cluster answers with a 5xx code, such as 503
-            # "JetStream system temporarily unavailable"; any other API error is final.
+            # A forming or electing cluster returns a 5xx code, such as 503 "JetStream
+            # system temporarily unavailable". Any other API error is final.
             if isinstance(error, APIError) and error.code not in (500, 503):
                 raise
             attempt += 1

@@ -346,8 +346,8 @@ async def check_url(url: str, allowed: AllowedHosts) -> BlockedRequest | None:
         # with its own error. NOTE: Chromium resolves the host again when it connects, so a
         # DNS server that answers differently the second time (DNS rebinding) can still
         # lead the browser to a blocked address. An attached browser (STEPWISE_BROWSER_CDP_URL)
-        # resolves names on its own machine, which may answer otherwise. So the check
-        # holds for IP literals and stable names only.
+        # resolves names on its own machine, which may return other addresses. So the check
+        # is reliable for IP literals and stable names only.
         logger.info("egress check could not resolve %s: %s", host, error, extra={"url": url})
         return None
     for address in addresses:
@@ -492,7 +492,7 @@ class EgressGuard:
         )
         # NOTE: only documents are checked. Images, scripts and fetch() calls of an allowed
         # page can still reach a blocked address, though the page cannot read a
-        # cross-origin answer.
+        # cross-origin response.
 
     async def _decide(self, client: Any, event: Any, session_id: str | None) -> None:
         request_id = event["requestId"]
@@ -505,7 +505,7 @@ class EgressGuard:
             target = url_host_port(url) or ("", None)
             blocked = BlockedRequest(url, target[0], target[1], None, "unchecked", str(error))
         if blocked is not None and await self._owns_frame(client, event.get("frameId")):
-            # Recorded before the request fails, so the step that caused it sees it.
+            # Recorded before the request fails, so the step that caused it finds the record.
             self.record(blocked)
         try:
             if blocked is None:
@@ -519,13 +519,13 @@ class EgressGuard:
             )
         except Exception as error:
             # The page or the browser went away while the request was paused.
-            logger.debug("answering a paused request failed: %s", error)
+            logger.debug("continuing or failing a paused request failed: %s", error)
 
     async def _owns_frame(self, client: Any, frame_id: str | None) -> bool:
         """Tell whether a paused request comes from this session's pages.
 
-        A launched browser holds one session only. An attached browser is shared, and its
-        interception sees the requests of every session's browser context.
+        A launched browser serves one session only. An attached browser is shared, and its
+        interception receives the requests of every session's browser context.
         """
         if self.context_id is None or frame_id is None:
             return True

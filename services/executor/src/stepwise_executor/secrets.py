@@ -3,7 +3,7 @@
 browser-use 0.13.14 puts a value in place of `<secret>name</secret>` only in the
 parameters of the action it is about to run, masks the values in the messages it
 sends to the model, and logs typed secrets by name. A page or a model may still
-echo a value, in a URL's query or a model's thinking, say. So every event payload
+echo a value, for example in a URL's query or a model's thinking. So every event payload
 this executor appends and every log record of its process has each registered
 value replaced with its `{{name}}` placeholder.
 """

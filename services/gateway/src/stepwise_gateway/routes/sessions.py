@@ -115,8 +115,8 @@ async def create_session(
                 field="Idempotency-Key",
             )
         # The values go to the secrets bucket before the session exists, so the executor
-        # finds them whenever it runs a step; the event carries only their names. A retry
-        # of a request that created the session stored them already.
+        # finds them whenever it runs a step. The event carries only their names. A retry
+        # of a request that created the session has stored them already.
         if secrets and not existing:
             await store_secrets(js, session_id, secrets)
         created = (
