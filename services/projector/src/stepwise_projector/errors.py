@@ -30,3 +30,19 @@ class MissingPositionError(ProjectorError):
         )
         self.position = position
         self.top = top
+
+
+class EarlierEventsError(ProjectorError):
+    """A session's earlier events could not be read in full, so its state cannot be folded.
+
+    Folding from the later event alone would store a row without the session's start
+    (an empty test case, for one), so the batch is retried instead.
+    """
+
+    def __init__(self, session_id: str, seq: int, detail: str) -> None:
+        super().__init__(
+            f"reading events 1..{seq - 1} of session {session_id} failed: {detail}; "
+            "the batch is retried"
+        )
+        self.session_id = session_id
+        self.seq = seq

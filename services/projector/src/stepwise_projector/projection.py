@@ -28,7 +28,7 @@ from stepwise_libs.health import start_health_server
 from stepwise_libs.jetstream import EventStore, connect, ensure_topology
 
 from . import database
-from .errors import MissingPositionError
+from .errors import EarlierEventsError, MissingPositionError
 from .handlers import DATABASE_UNAVAILABLE, BatchWriter, Record, decode_record, handle_batch
 from .settings import ProjectorSettings
 
@@ -197,12 +197,12 @@ class Projector:
             return SessionState(session_id=event.session_id)
         try:
             earlier = await self._store.read(event.session_id, 0, limit=event.seq - 1)
-        except Exception:
-            logger.exception(
-                "reading the session's earlier events failed; folding from this event on",
-                extra={"session_id": event.session_id, "seq": event.seq},
+        except Exception as error:
+            raise EarlierEventsError(event.session_id, event.seq, str(error)) from error
+        if [item.seq for item in earlier] != list(range(1, event.seq)):
+            raise EarlierEventsError(
+                event.session_id, event.seq, f"the stream returned {len(earlier)} events"
             )
-            earlier = []
         logger.debug(
             "rebuilt session state from the stream",
             extra={"session_id": event.session_id, "events": len(earlier)},
