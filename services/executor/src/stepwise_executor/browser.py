@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -55,6 +56,8 @@ PROFILE_PREFERENCES = {
 # Seconds to reach a remote browser's DevTools endpoint, and for one of our own CDP calls on it.
 ATTACH_TIMEOUT = 15.0
 CDP_CALL_TIMEOUT = 5.0
+# Seconds between two looks at killed processes that may have turned into zombies.
+ZOMBIE_CHECK_SECONDS = 0.05
 
 
 class RemoteBrowserUnreachable(BrowserStartError):
@@ -395,8 +398,37 @@ class SessionBrowser:
                 found[process.pid] = process
         _kill(found.values())
         victims.update(found)
-        psutil.wait_procs(list(victims.values()), timeout=3)
+        _wait_for_exit(victims.values(), timeout=3)
         return list(victims)
+
+
+def _wait_for_exit(processes: Iterable[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until each process has exited or is a zombie, for at most `timeout` seconds.
+
+    Returns the processes still running at the end.
+
+    A killed Chromium's child processes belong to the init process once their parent
+    is gone, and stay zombies until it reaps them, which in some containers takes a
+    second or two. A zombie runs no code and holds no memory, so it counts as gone;
+    `psutil.wait_procs` alone would wait for the reaping.
+    """
+    deadline = time.monotonic() + timeout
+    remaining = list(processes)
+    while remaining:
+        remaining = [process for process in remaining if _running(process)]
+        left = deadline - time.monotonic()
+        if not remaining or left <= 0:
+            return remaining
+        # Returns as soon as all have exited; otherwise look again for new zombies.
+        _, remaining = psutil.wait_procs(remaining, timeout=min(ZOMBIE_CHECK_SECONDS, left))
+    return remaining
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _kill(processes: Iterable[psutil.Process]) -> None:
