@@ -1,4 +1,4 @@
-"""The browser sweep's wait for killed processes, on real processes."""
+"""Tests of the browser sweep's wait for killed processes, on real processes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 import psutil
 from stepwise_executor.browser import _wait_for_exit
 
-# The parent starts a child, prints its pid and never reaps it, like a Chromium whose
-# renderers outlive it until the init process gets round to them.
+# A parent that starts a child, prints its pid and never reaps it, so a killed child
+# stays a zombie (as a killed Chromium's renderers do until init reaps them).
 PARENT = """
 import subprocess, sys
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
@@ -18,7 +18,7 @@ sys.stdin.read()
 """
 
 
-def test_a_killed_zombie_counts_as_gone() -> None:
+def test_wait_counts_zombie_as_exited() -> None:
     parent = subprocess.Popen(
         [sys.executable, "-c", PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -26,10 +26,9 @@ def test_a_killed_zombie_counts_as_gone() -> None:
         assert parent.stdout is not None
         child = psutil.Process(int(parent.stdout.readline()))
         child.kill()
-        # Until the kill lands the child still runs, so the wait has something to wait for.
         survivors = _wait_for_exit([child], timeout=30)
         assert survivors == []
-        # Still there: nobody reaped it, so waiting for the pid alone would have timed out.
+        # The zombie's pid still exists, so psutil.wait_procs alone would time out.
         assert child.status() == psutil.STATUS_ZOMBIE
         _, alive = psutil.wait_procs([child], timeout=0.5)
         assert alive == [child]
@@ -38,7 +37,7 @@ def test_a_killed_zombie_counts_as_gone() -> None:
         parent.wait()
 
 
-def test_a_running_process_is_reported() -> None:
+def test_wait_returns_running_process() -> None:
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
         survivors = _wait_for_exit([psutil.Process(process.pid)], timeout=0.3)
