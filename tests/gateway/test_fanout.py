@@ -4,12 +4,13 @@ import asyncio
 import json
 import time
 import uuid
+from typing import Any
 
 import httpx
 import pytest
 import websockets
 from nats.js import JetStreamContext
-from stepwise_gateway import pump
+from stepwise_gateway import metrics, pump
 from stepwise_gateway.settings import GatewaySettings
 from stepwise_libs import events as ev
 from stepwise_libs import subjects
@@ -218,3 +219,66 @@ def test_ws_compression_setting_rejects_other_values(monkeypatch: pytest.MonkeyP
 
     assert "STEPWISE_WS_COMPRESSION" in str(error.value)
     assert "on or off" in str(error.value)
+
+
+def counted(counter: Any) -> float:
+    """Current value of a prometheus counter of the gateway serving in this process."""
+    return counter._value.get()
+
+
+async def test_live_events_skip_the_outbox(gateway: GatewayServer, store: EventStore) -> None:
+    session_id = str(uuid.uuid4())
+    await append_progress(store, session_id, 1, "first")
+    sent = metrics.EVENTS_SENT.labels("websocket")
+    async with websockets.connect(
+        f"{gateway.ws_url}/api/sessions/{session_id}/ws?since=1"
+    ) as socket:
+        sent_before, queued_before = counted(sent), counted(metrics.WS_EVENTS_QUEUED)
+        await append_progress(store, session_id, 20, "live")
+        received = await read_events(socket, 20)
+
+    assert seqs(received) == list(range(2, 22))
+    assert counted(sent) - sent_before == 20
+    # A client that keeps up gets each frame written to its socket by the feed.
+    assert counted(metrics.WS_EVENTS_QUEUED) - queued_before == 0
+
+
+async def test_client_behind_gets_queued_events_in_order(
+    gateway: GatewayServer, store: EventStore
+) -> None:
+    session_id = str(uuid.uuid4())
+    await append_progress(store, session_id, 1, "first")
+    # Large events, so that the unread ones fill the socket buffers and the gateway's
+    # transport passes its high-water mark: the later ones then wait in the outbox.
+    filler = "x" * 20_000
+    queued_before = counted(metrics.WS_EVENTS_QUEUED)
+    reading = asyncio.Event()
+
+    async def append_big() -> None:
+        # Keep appending while the client catches up, so new frames meet a non-empty outbox.
+        index = 0
+        while not reading.is_set() or index < 600:
+            await store.append(session_id, ev.PlanProgress(plan_id="big", message=f"{filler}"))
+            index += 1
+            if index > 5_000:
+                raise AssertionError("no event went through the outbox after 5,000 appends")
+        await store.append(session_id, ev.BrowserClosed(reason="marker"))
+
+    async with websockets.connect(
+        f"{gateway.ws_url}/api/sessions/{session_id}/ws?since=0", max_queue=1
+    ) as socket:
+        assert seqs(await read_events(socket, 1)) == [1]
+        writer = asyncio.create_task(append_big())
+        deadline = time.monotonic() + 60
+        while counted(metrics.WS_EVENTS_QUEUED) == queued_before:
+            assert time.monotonic() < deadline, "no event went through the outbox in 60 s"
+            assert not writer.done(), writer
+            await asyncio.sleep(0.01)
+        reading.set()
+        received: list[dict[str, Any]] = []
+        while not received or received[-1]["type"] != "browser_closed":
+            received.extend(json.loads(text) for text in await read_events(socket, 1))
+        await writer
+
+    assert [event["seq"] for event in received] == list(range(2, len(received) + 2))
+    assert len(received) > 600

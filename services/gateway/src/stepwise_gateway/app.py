@@ -13,6 +13,7 @@ from .metrics import MetricsMiddleware
 from .routes import controls, health, metrics, screenshots, sessions, stream, ui
 from .runtime import Runtime
 from .settings import GatewaySettings
+from .wsframes import RawSendMiddleware
 
 DESCRIPTION = """
 Stepwise turns a plain-language test case into a plan of steps and runs them in a
@@ -63,4 +64,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     # The last middleware added runs first: metrics count the 401s auth returns.
     app.add_middleware(AuthMiddleware, tokens=settings.api_tokens)
     app.add_middleware(MetricsMiddleware)
+    # Outermost, so a WebSocket's scope gets the server's own `send` (see wsframes.py).
+    app.add_middleware(RawSendMiddleware)
     return app

@@ -22,6 +22,11 @@ WEBSOCKET_CLIENTS = Gauge(
 EVENTS_SENT = Counter(
     "stepwise_gateway_events_sent", "Session events sent to clients.", ["transport"]
 )
+WS_EVENTS_QUEUED = Counter(
+    "stepwise_gateway_websocket_events_queued",
+    "WebSocket events sent through the client's outbox, because the client was behind, "
+    "rather than written to its socket at once.",
+)
 COMMANDS_PUBLISHED = Counter(
     "stepwise_gateway_commands_published", "Commands queued on JetStream, by type.", ["type"]
 )

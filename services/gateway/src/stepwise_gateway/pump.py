@@ -2,7 +2,9 @@
 
 A gateway process reads each session it streams with one ordered consumer (a
 `SessionFeed`), however many WebSocket and SSE clients follow that session. Each
-event is encoded to JSON once, and the same `Frame` goes to every client.
+event is encoded to JSON once, and the same `Frame` goes to every client. A
+WebSocket client with nothing queued gets the frame written to its socket at once
+(`wsframes.py`); the others get it through their outbox.
 
 A client that joins with `since=N` first gets the events after N that the feed
 has already passed. They come from the feed's cache of recent frames when it
@@ -24,6 +26,8 @@ import msgspec
 from stepwise_libs.events import Event
 from stepwise_libs.jetstream import EventStore
 
+from .wsframes import FrameWriter, text_frame
+
 logger = logging.getLogger(__name__)
 
 # WebSocket close codes this gateway uses (4000-4999 are free for applications).
@@ -44,13 +48,20 @@ _encoder = msgspec.json.Encoder()
 class Frame:
     """One event, encoded once and sent as is to every client of its session."""
 
-    __slots__ = ("_sse", "seq", "text", "type")
+    __slots__ = ("_sse", "_ws", "seq", "text", "type")
 
     def __init__(self, event: Event) -> None:
         self.seq = event.seq
         self.type = event.type
         self.text = _encoder.encode(event).decode()
         self._sse: bytes | None = None
+        self._ws: bytes | None = None
+
+    def ws(self) -> bytes:
+        """Build the WebSocket text frame of this event on first use, then reuse it."""
+        if self._ws is None:
+            self._ws = text_frame(self.text.encode())
+        return self._ws
 
     def sse(self) -> bytes:
         """Build the server-sent-events frame of this event on first use, then reuse it."""
@@ -74,6 +85,13 @@ class Outbox:
         self._room.set()
         self.overflowed = asyncio.Event()
         self.last_sent_seq = 0
+        # True from `get` until the sender calls `done`: an item is on its way out.
+        self._sending = False
+
+    @property
+    def idle(self) -> bool:
+        """Whether nothing is queued or being sent, so a new frame may bypass the queue."""
+        return not self._items and not self._sending
 
     def put(self, item: Any) -> bool:
         """Queue an item; on a full queue mark the client as too slow and return False."""
@@ -91,9 +109,14 @@ class Outbox:
             self._ready.clear()
             await self._ready.wait()
         item = self._items.popleft()
+        self._sending = True
         if len(self._items) <= self.capacity // 2:
             self._room.set()
         return item
+
+    def done(self) -> None:
+        """Mark the item from the last `get` as sent."""
+        self._sending = False
 
     async def wait_for_room(self) -> None:
         """Wait until at most half the queue is used, leaving the rest for live items."""
@@ -103,9 +126,13 @@ class Outbox:
 class Subscriber:
     """One streaming client of a feed: its outbox, and what it has been given so far."""
 
-    def __init__(self, session_id: str, since: int, capacity: int) -> None:
+    def __init__(
+        self, session_id: str, since: int, capacity: int, writer: FrameWriter | None = None
+    ) -> None:
         self.session_id = session_id
         self.outbox = Outbox(capacity)
+        # Writes a frame to a WebSocket client's socket at once, or returns False. None for SSE.
+        self.writer = writer
         # Highest seq queued for this client. Frames at or below it are not queued again.
         self.queued = since
         # Live frames that arrived while the client's own replay runs, or None once it is live.
@@ -126,6 +153,11 @@ class Subscriber:
     def queue(self, frame: Frame) -> None:
         """Queue a frame newer than the last one queued, unless the outbox has overflowed."""
         if frame.seq <= self.queued or self.outbox.overflowed.is_set():
+            return
+        # Only with nothing queued before it, so frames still reach the client in seq order.
+        if self.writer is not None and self.outbox.idle and self.writer(frame.ws()):
+            self.queued = frame.seq
+            self.outbox.last_sent_seq = frame.seq
             return
         if self.outbox.put(frame):
             self.queued = frame.seq
@@ -268,19 +300,26 @@ class FeedHub:
         return len(self._feeds)
 
     def join(
-        self, store: EventStore, session_id: str, since: int, capacity: int, last_seq: int
+        self,
+        store: EventStore,
+        session_id: str,
+        since: int,
+        capacity: int,
+        last_seq: int,
+        writer: FrameWriter | None = None,
     ) -> tuple[SessionFeed, Subscriber, asyncio.Task[None] | None]:
         """Subscribe a client to the session's feed, starting the feed if it has none.
 
         `last_seq` is the session's last seq as the caller read it; a new feed starts
-        after min(since, last_seq). Returns the feed, the subscriber and the task of
-        its replay, if it needs one.
+        after min(since, last_seq). `writer` writes frames straight to a WebSocket
+        client's socket. Returns the feed, the subscriber and the task of its replay,
+        if it needs one.
         """
         feed = self._feeds.get(session_id)
         if feed is None or feed.task.done():
             feed = SessionFeed(store, session_id, min(since, last_seq), self._ended)
             self._feeds[session_id] = feed
-        subscriber = Subscriber(session_id, since, capacity)
+        subscriber = Subscriber(session_id, since, capacity, writer)
         missed = feed.attach(subscriber)
         replay = None
         if missed is None or missed:

@@ -35,7 +35,7 @@ from stepwise_gateway.errors import (
     SinceAfterLastSeq,
 )
 from stepwise_gateway.history import read_after_time
-from stepwise_gateway.metrics import EVENTS_SENT, SLOW_CLIENT_CLOSES
+from stepwise_gateway.metrics import EVENTS_SENT, SLOW_CLIENT_CLOSES, WS_EVENTS_QUEUED
 from stepwise_gateway.pump import (
     CLOSE_INVALID,
     CLOSE_NOT_FOUND,
@@ -50,6 +50,7 @@ from stepwise_gateway.pump import (
 from stepwise_gateway.runtime import Runtime, nats_errors
 from stepwise_gateway.schemas import ErrorResponse, EventList
 from stepwise_gateway.validation import check_session_id
+from stepwise_gateway.wsframes import FrameWriter, frame_writer
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ async def stream_events(
                     outbox.last_sent_seq = frame.seq
                     sent.inc()
                     yield frame.sse()
+                    outbox.done()
                 elif outbox.overflowed.is_set():
                     SLOW_CLIENT_CLOSES.labels("sse").inc()
                     note = {"reason": "client too slow", "resume_since": outbox.last_sent_seq}
@@ -220,12 +222,13 @@ async def session_socket(websocket: WebSocket, session_id: str) -> None:
         await _close(websocket, session_id, CLOSE_UNAVAILABLE, f"NATS unavailable: {error}")
         return
 
+    writer = _counted(frame_writer(websocket.scope))
     feed, subscriber, replay = runtime.feeds.join(
-        store, session_id, int(since_text), runtime.settings.client_buffer, last_seq
+        store, session_id, int(since_text), runtime.settings.client_buffer, last_seq, writer
     )
     outbox = subscriber.outbox
     receiver = asyncio.create_task(_receive_commands(websocket, runtime, session_id, outbox))
-    sender = asyncio.create_task(_send(websocket, outbox))
+    sender = asyncio.create_task(_send(websocket, outbox, writer))
     stopped = asyncio.create_task(_stopped(subscriber))
     try:
         await asyncio.wait({receiver, sender, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -280,17 +283,36 @@ async def _close(websocket: WebSocket, session_id: str, code: int, reason: str) 
     await websocket.close(code, reason)
 
 
-async def _send(websocket: WebSocket, outbox: Outbox) -> None:
+def _counted(writer: FrameWriter | None) -> FrameWriter | None:
+    """Wrap a frame writer so that each frame it writes counts as a sent event."""
+    if writer is None:
+        return None
+    sent = EVENTS_SENT.labels("websocket")
+
+    def write(frame: bytes) -> bool:
+        if writer(frame):
+            sent.inc()
+            return True
+        return False
+
+    return write
+
+
+async def _send(websocket: WebSocket, outbox: Outbox, writer: FrameWriter | None) -> None:
+    """Send what the client's outbox has queued, in order: events it fell behind on, replies."""
     sent = EVENTS_SENT.labels("websocket")
     while True:
         item = await outbox.get()
         if is_event(item):
+            WS_EVENTS_QUEUED.inc()
             # The same text, encoded once by the session's feed, goes to every client.
-            await websocket.send_text(item.text)
+            if writer is None or not writer(item.ws()):
+                await websocket.send_text(item.text)
+                sent.inc()
             outbox.last_sent_seq = item.seq
-            sent.inc()
         else:
             await websocket.send_text(_encoder.encode(item).decode())
+        outbox.done()
 
 
 async def _receive_commands(
