@@ -1,11 +1,14 @@
 import asyncio
 import uuid
+from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
 from stepwise_libs import events as ev
 from stepwise_libs import subjects
-from stepwise_libs.jetstream import EventStore
+from stepwise_libs.jetstream import EventStore, _Pending, connect, ensure_topology
+
+from stepwise.embedded import EmbeddedNats
 
 
 def new_session() -> str:
@@ -122,3 +125,154 @@ async def test_tail_replaces_a_stalled_consumer(nats_client: NATS) -> None:
     # Without the idle check, the tail waits here for longer than this bound.
     await asyncio.wait_for(consumer, 4)
     assert received == [1, 2, 3, 4, 5, 6]
+
+
+async def burst(store: EventStore, session_id: str, tag: str, count: int) -> list[ev.Event]:
+    """Start `count` appends without awaiting each, as a caller that pipelines does."""
+    return await asyncio.gather(
+        *(
+            store.append(session_id, ev.PlanProgress(plan_id=tag, message=str(index)))
+            for index in range(count)
+        )
+    )
+
+
+async def batch_ids(nats_client: NATS, events: list[ev.Event]) -> set[str]:
+    """The Nats-Batch-Id headers the stored messages of these events carry."""
+    js = nats_client.jetstream()
+    found = set()
+    for event in events:
+        message = await js.get_msg(subjects.EVENTS_STREAM, seq=event.position, direct=True)
+        batch_id = (message.headers or {}).get("Nats-Batch-Id")
+        if batch_id is not None:
+            found.add(batch_id)
+    return found
+
+
+async def test_burst_is_stored_in_call_order(nats_client: NATS) -> None:
+    session_id = new_session()
+    store = EventStore(nats_client.jetstream())
+
+    returned = await burst(store, session_id, "burst", 2500)
+
+    stored = await store.read(session_id)
+    assert [event.seq for event in stored] == list(range(1, 2501))
+    assert [event.data["message"] for event in stored] == [str(index) for index in range(2500)]
+    assert [(event.seq, event.position) for event in returned] == [
+        (event.seq, event.position) for event in stored
+    ]
+    # More than one batch: the server takes at most 1,000 messages in one.
+    assert len(await batch_ids(nats_client, stored)) >= 3
+
+
+async def test_burst_and_other_writer_keep_seq_dense(nats_client: NATS) -> None:
+    session_id = new_session()
+    first, second = EventStore(nats_client.jetstream()), EventStore(nats_client.jetstream())
+
+    await asyncio.gather(
+        burst(first, session_id, "first", 600),
+        append_progress(second, session_id, "second", 60),
+    )
+
+    stored = await first.read(session_id)
+    assert [event.seq for event in stored] == list(range(1, 661))
+    for tag, count in (("first", 600), ("second", 60)):
+        messages = [event.data["message"] for event in stored if event.data["plan_id"] == tag]
+        assert messages == [str(index) for index in range(count)]
+
+
+async def test_cancelled_waiting_append_is_not_stored(nats_client: NATS) -> None:
+    session_id = new_session()
+    store = EventStore(nats_client.jetstream())
+    tasks = [
+        asyncio.create_task(store.append(session_id, ev.PlanProgress(plan_id="p", message=name)))
+        for name in ("a", "b", "c")
+    ]
+    # Let each task start: "a" writes, "b" and "c" wait for the session's lock.
+    await asyncio.sleep(0)
+    tasks[1].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+
+    assert isinstance(results[1], asyncio.CancelledError)
+    stored = await store.read(session_id)
+    assert [event.data["message"] for event in stored] == ["a", "c"]
+    assert [event.seq for event in stored] == [1, 2]
+
+
+def batch_in_flight(store: EventStore, session_id: str) -> bool:
+    """Whether the session's queued appends have all been claimed by a running drain."""
+    writes = store._writes.get(session_id)
+    return writes is not None and writes.drain is not None and not writes.queue
+
+
+async def test_cancelled_caller_in_batch_keeps_event(nats_client: NATS) -> None:
+    session_id = new_session()
+    store = EventStore(nats_client.jetstream())
+    await store.append(session_id, ev.PlanProgress(plan_id="p", message="first"))
+    tasks = [
+        asyncio.create_task(
+            store.append(session_id, ev.PlanProgress(plan_id="p", message=str(index)))
+        )
+        for index in range(100)
+    ]
+    # Task 0 writes its event by itself; the other 99 wait, then go as one batch.
+    # Cancel one of them while that batch is being written.
+    deadline = asyncio.get_running_loop().time() + 10
+    while not batch_in_flight(store, session_id):
+        assert asyncio.get_running_loop().time() < deadline, "no batch started in 10 s"
+        await asyncio.sleep(0)
+    tasks[50].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+
+    assert isinstance(results[50], asyncio.CancelledError)
+    others = results[:50] + results[51:]
+    assert [type(result) for result in others] == [ev.Event] * 99
+    stored = await store.read(session_id)
+    assert [event.seq for event in stored] == list(range(1, 102))
+    assert [event.data["message"] for event in stored[1:]] == [str(index) for index in range(100)]
+
+
+async def test_retried_batch_is_stored_once(nats_client: NATS) -> None:
+    session_id = new_session()
+    store = EventStore(nats_client.jetstream())
+    await store.append(session_id, ev.PlanProgress(plan_id="p", message="first"))
+    before = store._tails[session_id]
+    events = await burst(store, session_id, "batch", 100)
+    assert len(await batch_ids(nats_client, events)) == 1
+
+    # As after a lost acknowledgement: the writer still holds the tail from before the
+    # batch and sends the same events again.
+    store._tails[session_id] = before
+    again = [_Pending(event) for event in events]
+    await store._append_batch(session_id, again)
+
+    stored = await store.read(session_id)
+    assert [event.seq for event in stored] == list(range(1, 102))
+    assert [pending.future.result().position for pending in again] == [
+        event.position for event in events
+    ]
+
+
+async def test_stream_without_atomic_batches_appends_one_by_one(tmp_path: Path) -> None:
+    server = EmbeddedNats(tmp_path / "nats").start()
+    try:
+        client = await connect(server.url, "tests")
+        try:
+            js = client.jetstream()
+            await ensure_topology(js)
+            config = (await js.stream_info(subjects.EVENTS_STREAM)).config
+            config.allow_atomic = False
+            await js.update_stream(config)
+            session_id = new_session()
+            store = EventStore(js)
+
+            await burst(store, session_id, "burst", 100)
+
+            stored = await store.read(session_id)
+            assert [event.seq for event in stored] == list(range(1, 101))
+            assert [event.data["message"] for event in stored] == [str(i) for i in range(100)]
+            assert await batch_ids(client, stored) == set()
+        finally:
+            await client.close()
+    finally:
+        server.stop()

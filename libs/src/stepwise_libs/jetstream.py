@@ -7,9 +7,13 @@ import contextlib
 import logging
 import random
 import time
+import uuid
+from collections import deque
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+import msgspec
 import nats
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
@@ -31,6 +35,16 @@ logger = logging.getLogger(__name__)
 
 # JetStream error code returned when Nats-Expected-Last-Subject-Sequence does not match.
 WRONG_LAST_SEQUENCE = 10071
+# JetStream error code returned when a stream does not allow atomic batch publishes.
+ATOMIC_PUBLISH_DISABLED = 10174
+
+# Number of appends waiting for one session from which they are written as one atomic
+# batch. A batch costs about 4 ms on the server whatever its size (measured with
+# nats-server 2.15 on 2 cores), against about 0.3 ms for one append, so smaller groups
+# go one at a time.
+BATCH_MIN = 32
+# The server's limit on the messages of one atomic batch.
+BATCH_MAX = 1000
 
 CONTROL_TTL_SECONDS = 300.0
 LEASE_TTL_SECONDS = 10.0
@@ -55,6 +69,16 @@ class AppendConflictError(RuntimeError):
         )
         self.session_id = session_id
         self.attempts = attempts
+
+
+class BatchNotSupportedError(RuntimeError):
+    """Raised when nats-server acknowledged an atomic batch as a single message."""
+
+    def __init__(self, position: int) -> None:
+        super().__init__(
+            f"the batch commit's acknowledgement (stream position {position}) has no batch count"
+        )
+        self.position = position
 
 
 class EventReadStalledError(RuntimeError):
@@ -164,6 +188,7 @@ async def _create_topology(js: JetStreamContext, replicas: int) -> None:
         duplicate_window=EVENT_DUPLICATE_WINDOW_SECONDS,
         allow_direct=True,
         deny_delete=True,
+        allow_atomic=True,
     )
     commands = api.StreamConfig(
         name=subjects.COMMANDS_STREAM,
@@ -236,6 +261,34 @@ class _Tail:
     seq: int
 
 
+@dataclass(eq=False)
+class _SessionWrites:
+    """The appends of one session that wait for the write in progress, in call order."""
+
+    queue: deque[_Pending] = field(default_factory=deque)
+    # True while an append of the session is being written.
+    busy: bool = False
+    # The task writing the queue, once the caller that wrote first has returned.
+    drain: asyncio.Task[None] | None = None
+
+
+@dataclass(eq=False)
+class _Pending:
+    """An append waiting for its turn, and the future its caller awaits."""
+
+    event: Event
+    future: asyncio.Future[Event] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    # True once a writer has claimed the event, after which it may be stored.
+    claimed: bool = False
+
+    def resolve(self, event: Event) -> None:
+        """Hand the stored event to the caller, unless the caller was cancelled."""
+        if not self.future.done():
+            self.future.set_result(event)
+
+
 class EventStore:
     """Appends to and reads from the per-session subjects of the events stream.
 
@@ -252,7 +305,10 @@ class EventStore:
         # Seconds an append keeps retrying while the stream has no leader or NATS is away.
         self._unavailable_timeout = unavailable_timeout
         self._tails: dict[str, _Tail] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        # The sessions with an append being written, and the appends waiting behind it.
+        self._writes: dict[str, _SessionWrites] = {}
+        # False once the stream rejected an atomic batch: appends then go one at a time.
+        self._batch: bool | None = None
 
     async def last(self, session_id: str, *, direct: bool = True) -> tuple[int, int]:
         """Return (stream position, seq) of the session's last event, or (0, 0) if it has none.
@@ -277,74 +333,260 @@ class EventStore:
         command_id: str | None = None,
         event_id: str | None = None,
     ) -> Event:
-        """Append one event to a session and return it with its `seq` and `position`."""
-        lock = self._locks.setdefault(session_id, asyncio.Lock())
-        async with lock:
-            event = new_event(session_id, 0, payload, command_id=command_id, event_id=event_id)
-            subject = subjects.session_events_subject(session_id)
-            conflicts = 0
-            unavailable = 0
-            deadline = time.monotonic() + self._unavailable_timeout
-            while True:
-                tail = self._tails.get(session_id)
-                if tail is None:
-                    position, seq = await self.last(session_id)
-                    tail = self._tails[session_id] = _Tail(position, seq)
-                event.seq = tail.seq + 1
+        """Append one event to a session and return it with its `seq` and `position`.
+
+        Appends to one session are stored in the order of the calls. A caller may start
+        many without awaiting each (with `asyncio.gather`, say). When `BATCH_MIN` or
+        more wait for the same session, the writer stores them as one atomic batch,
+        which takes one round trip instead of one per event.
+        """
+        event = new_event(session_id, 0, payload, command_id=command_id, event_id=event_id)
+        writes = self._writes.get(session_id)
+        if writes is None:
+            writes = self._writes[session_id] = _SessionWrites()
+        if writes.busy:
+            # Another append of this session is being written: wait in line behind it.
+            pending = _Pending(event)
+            writes.queue.append(pending)
+            try:
+                return await pending.future
+            except asyncio.CancelledError:
+                if not pending.claimed:
+                    writes.queue.remove(pending)
+                raise
+        writes.busy = True
+        try:
+            return await self._append_one(session_id, event)
+        finally:
+            self._hand_over(session_id, writes)
+
+    def _hand_over(self, session_id: str, writes: _SessionWrites) -> None:
+        """Start a task that writes the appends queued meanwhile, or mark the session idle."""
+        if writes.queue:
+            writes.drain = asyncio.create_task(
+                self._drain(session_id, writes), name=f"append-{session_id}"
+            )
+            return
+        writes.busy = False
+        if self._writes.get(session_id) is writes:
+            del self._writes[session_id]
+
+    async def _drain(self, session_id: str, writes: _SessionWrites) -> None:
+        """Write a session's queued appends in order, as atomic batches when enough wait."""
+        try:
+            while writes.queue:
+                batch = self._batch is not False and len(writes.queue) >= BATCH_MIN
+                count = min(len(writes.queue), BATCH_MAX) if batch else 1
+                claimed = [writes.queue.popleft() for _ in range(count)]
+                for pending in claimed:
+                    pending.claimed = True
                 try:
-                    ack = await self._js.publish(
-                        subject,
-                        encode_event(event),
-                        headers={
-                            "Nats-Msg-Id": event.id,
-                            "Nats-Expected-Last-Subject-Sequence": str(tail.position),
+                    if count == 1:
+                        claimed[0].resolve(await self._append_one(session_id, claimed[0].event))
+                    else:
+                        await self._append_batch(session_id, claimed)
+                except Exception as error:
+                    # The callers get the error; the appends queued after them still run.
+                    _fail(claimed, error)
+        except BaseException as error:
+            _fail(list(writes.queue), error)
+            writes.queue.clear()
+            raise
+        finally:
+            writes.drain = None
+            writes.busy = False
+            if not writes.queue and self._writes.get(session_id) is writes:
+                del self._writes[session_id]
+
+    async def _append_one(self, session_id: str, event: Event) -> Event:
+        subject = subjects.session_events_subject(session_id)
+        conflicts = 0
+        unavailable = 0
+        deadline = time.monotonic() + self._unavailable_timeout
+        while True:
+            tail = await self._tail(session_id)
+            event.seq = tail.seq + 1
+            try:
+                # nc.request rather than js.publish, because decoding the ack with msgspec
+                # saves about 5% of an append's CPU (profiled) over nats-py's dataclass.
+                response = await self._js._nc.request(
+                    subject,
+                    encode_event(event),
+                    headers={
+                        "Nats-Msg-Id": event.id,
+                        "Nats-Expected-Last-Subject-Sequence": str(tail.position),
+                        subjects.SEQ_HEADER: str(event.seq),
+                    },
+                    timeout=5,
+                )
+                ack = _pub_ack(response.data)
+            except APIError as error:
+                if error.err_code != WRONG_LAST_SEQUENCE:
+                    raise
+                conflicts += 1
+                await self._after_conflict(session_id, conflicts, error)
+                continue
+            except (NatsTimeoutError, NoRespondersError) as error:
+                # The stream is electing a leader or the server is away. The message may
+                # still be stored: the retry carries the same Nats-Msg-Id, so the server
+                # answers it as a duplicate instead of storing it twice.
+                unavailable += 1
+                await self._after_unavailable(session_id, unavailable, deadline, error)
+                continue
+            if ack.duplicate:
+                stored = await self._js.get_msg(subjects.EVENTS_STREAM, seq=ack.seq, direct=True)
+                event = decode_event(stored.data or b"", ack.seq)
+                self._tails[session_id] = _Tail(ack.seq, event.seq)
+                return event
+            self._tails[session_id] = _Tail(ack.seq, event.seq)
+            event.position = ack.seq
+            return event
+
+    async def _append_batch(self, session_id: str, batch: list[_Pending]) -> None:
+        """Store the events as one atomic batch and resolve each caller's future.
+
+        The first message carries Nats-Expected-Last-Subject-Sequence, so the batch is
+        stored only if no other writer moved the session meanwhile. An atomic batch
+        cannot carry Nats-Msg-Id, so a retry after a lost acknowledgement is recognised
+        by the session's last stored event being this batch's last one.
+        """
+        events = [pending.event for pending in batch]
+        subject = subjects.session_events_subject(session_id)
+        # nats-py 2.16 has no atomic batch helper, so the batch goes as plain messages.
+        nc = self._js._nc
+        conflicts = 0
+        unavailable = 0
+        deadline = time.monotonic() + self._unavailable_timeout
+        try:
+            while True:
+                tail = await self._tail(session_id)
+                for index, event in enumerate(events):
+                    event.seq = tail.seq + 1 + index
+                batch_id = uuid.uuid4().hex
+                last = len(events) - 1
+                try:
+                    for index, event in enumerate(events[:last]):
+                        headers = {
+                            "Nats-Batch-Id": batch_id,
+                            "Nats-Batch-Sequence": str(index + 1),
                             subjects.SEQ_HEADER: str(event.seq),
+                        }
+                        reply = ""
+                        if index == 0:
+                            headers["Nats-Expected-Last-Subject-Sequence"] = str(tail.position)
+                            # The server requires a reply subject on a batch's first message.
+                            # Its empty reply carries nothing the commit's does not.
+                            reply = nc.new_inbox()
+                        await nc.publish(subject, encode_event(event), reply=reply, headers=headers)
+                    response = await nc.request(
+                        subject,
+                        encode_event(events[last]),
+                        headers={
+                            "Nats-Batch-Id": batch_id,
+                            "Nats-Batch-Sequence": str(last + 1),
+                            "Nats-Batch-Commit": "1",
+                            subjects.SEQ_HEADER: str(events[last].seq),
                         },
                         timeout=5,
                     )
+                    position = _batch_position(response.data, len(events))
+                except BatchNotSupportedError as error:
+                    # The events are stored, one message each, in one burst from this
+                    # writer. NOTE: their positions assume no other subject's message came
+                    # between them.
+                    logger.warning(
+                        "nats-server stored an atomic batch as single messages; appending "
+                        "one event at a time from now on (use nats-server 2.12 or later): %s",
+                        error,
+                        extra={"session_id": session_id},
+                    )
+                    self._batch = False
+                    position = error.position
                 except APIError as error:
+                    if error.err_code == ATOMIC_PUBLISH_DISABLED:
+                        logger.warning(
+                            "the events stream does not allow atomic batches, so events are "
+                            "appended one at a time; restart a service to update the stream",
+                            extra={"session_id": session_id},
+                        )
+                        self._batch = False
+                        for pending in batch:
+                            pending.resolve(await self._append_one(session_id, pending.event))
+                        return
                     if error.err_code != WRONG_LAST_SEQUENCE:
                         raise
-                    conflicts += 1
-                    if conflicts >= self._max_attempts:
-                        raise AppendConflictError(session_id, conflicts) from error
-                    logger.debug(
-                        "append conflict, re-reading tail",
-                        extra={"session_id": session_id, "attempt": conflicts},
-                    )
-                    self._tails.pop(session_id, None)
-                    # A jittered pause keeps a writer with a warm cache from winning every race.
-                    await asyncio.sleep(random.uniform(0, 0.002 * conflicts))
-                    continue
-                except (NatsTimeoutError, NoStreamResponseError) as error:
-                    # The stream is electing a leader or the server is away. The message may
-                    # still be stored: the retry carries the same Nats-Msg-Id, so the server
-                    # answers it as a duplicate instead of storing it twice.
+                    stored = await self._stored_batch(session_id, events)
+                    if stored is None:
+                        conflicts += 1
+                        await self._after_conflict(session_id, conflicts, error)
+                        continue
+                    position = stored
+                except (NatsTimeoutError, NoRespondersError) as error:
+                    # The batch may be stored. The retry then meets a wrong last sequence,
+                    # and `_stored_batch` finds this batch's events.
                     unavailable += 1
-                    if time.monotonic() >= deadline:
-                        raise
-                    logger.warning(
-                        "append failed (%s), retrying",
-                        type(error).__name__,
-                        extra={"session_id": session_id, "attempt": unavailable},
-                    )
-                    await asyncio.sleep(min(0.05 * 2**unavailable, 1.0))
+                    await self._after_unavailable(session_id, unavailable, deadline, error)
                     continue
-                if ack.duplicate:
-                    stored = await self._js.get_msg(
-                        subjects.EVENTS_STREAM, seq=ack.seq, direct=True
-                    )
-                    event = decode_event(stored.data or b"", ack.seq)
-                    self._tails[session_id] = _Tail(ack.seq, event.seq)
-                    return event
-                self._tails[session_id] = _Tail(ack.seq, event.seq)
-                event.position = ack.seq
-                return event
+                first = position - last
+                for index, (pending, event) in enumerate(zip(batch, events, strict=True)):
+                    event.position = first + index
+                    pending.resolve(event)
+                self._tails[session_id] = _Tail(position, events[last].seq)
+                return
+        except BaseException as error:
+            _fail(batch, error)
+            raise
+
+    async def _stored_batch(self, session_id: str, events: list[Event]) -> int | None:
+        """Return the stream position of the batch's last event if it is stored already."""
+        try:
+            message = await self._js.get_msg(
+                subjects.EVENTS_STREAM,
+                subject=subjects.session_events_subject(session_id),
+                direct=False,
+            )
+        except NotFoundError:
+            return None
+        stored = decode_event(message.data or b"", message.seq or 0)
+        if stored.id != events[-1].id or stored.seq != events[-1].seq:
+            return None
+        return message.seq
+
+    async def _tail(self, session_id: str) -> _Tail:
+        tail = self._tails.get(session_id)
+        if tail is None:
+            position, seq = await self.last(session_id)
+            tail = self._tails[session_id] = _Tail(position, seq)
+        return tail
+
+    async def _after_conflict(self, session_id: str, conflicts: int, error: Exception) -> None:
+        """Forget the session's cached tail after another writer moved it, or give up."""
+        if conflicts >= self._max_attempts:
+            raise AppendConflictError(session_id, conflicts) from error
+        logger.debug(
+            "append conflict, re-reading tail",
+            extra={"session_id": session_id, "attempt": conflicts},
+        )
+        self._tails.pop(session_id, None)
+        # A jittered pause keeps a writer with a warm cache from winning every race.
+        await asyncio.sleep(random.uniform(0, 0.002 * conflicts))
+
+    async def _after_unavailable(
+        self, session_id: str, attempt: int, deadline: float, error: Exception
+    ) -> None:
+        """Wait before retrying an append that found no stream leader, or re-raise."""
+        if time.monotonic() >= deadline:
+            raise error
+        logger.warning(
+            "append failed (%s), retrying",
+            type(error).__name__,
+            extra={"session_id": session_id, "attempt": attempt},
+        )
+        await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
 
     def forget(self, session_id: str) -> None:
         """Drop cached state about a session that this process no longer writes to."""
         self._tails.pop(session_id, None)
-        self._locks.pop(session_id, None)
 
     async def position_after(self, session_id: str, since: int) -> int | None:
         """Return the stream position of the first event with `seq > since`, or None if none yet.
@@ -509,6 +751,48 @@ class EventStore:
             )
             return False
         return last_seq > last_seen
+
+
+def _fail(batch: list[_Pending], error: BaseException) -> None:
+    """Pass a write's failure to each caller still waiting in the batch."""
+    for pending in batch:
+        if pending.future.done():
+            continue
+        if isinstance(error, asyncio.CancelledError):
+            pending.future.cancel()
+        else:
+            pending.future.set_exception(error)
+            # Mark it retrieved: a caller cancelled meanwhile never awaits it.
+            pending.future.exception()
+
+
+class _PubAck(msgspec.Struct):
+    """The fields of a JetStream publish acknowledgement that an append reads."""
+
+    seq: int = 0
+    duplicate: bool = False
+    count: int | None = None
+    error: dict[str, Any] | None = None
+
+
+_pub_ack_decoder = msgspec.json.Decoder(_PubAck)
+
+
+def _pub_ack(data: bytes) -> _PubAck:
+    """Decode a publish acknowledgement, or raise the APIError it carries."""
+    ack = _pub_ack_decoder.decode(data)
+    if ack.error is not None:
+        APIError.from_error(ack.error)  # raises the APIError subclass of the code
+    return ack
+
+
+def _batch_position(data: bytes, count: int) -> int:
+    """Return the stream position of a committed batch's last message, or raise its error."""
+    ack = _pub_ack(data)
+    if ack.count != count:
+        # A server before 2.12 ignores the batch headers and stores each message alone.
+        raise BatchNotSupportedError(ack.seq)
+    return ack.seq
 
 
 def _seq_of(message: api.RawStreamMsg) -> int:
