@@ -39,6 +39,7 @@ def test_short_run_prints_the_table_and_writes_the_results(tmp_path: Path) -> No
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     for figure in (
         "stepwise append, 1 session",
+        "stepwise append, 1 session, pipelined",
         "stepwise append, 100 sessions",
         "raw pipelined js.publish",
     ):
