@@ -209,7 +209,9 @@ async def _run(
                         await module.run_once(bench, results)
                     except Exception as error:  # one failed scenario must not hide the others
                         traceback.print_exc()
-                        results.not_measured(module.NAME, f"run {run + 1} failed: {error!r}"[:300])
+                        reason = f"run {run + 1} failed: {error!r}"[:300]
+                        results.not_measured(module.NAME, reason)
+                        results.failures.append(f"{module.NAME}: {reason}")
                         break
                     if getattr(module, "SINGLE_RUN", False):
                         break
@@ -233,6 +235,11 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(write_results(args, results, load_before))
     print(f"\nwrote {args.output}")
+    if results.failures:
+        # A scenario that cannot run is a broken benchmark, unlike a missed target.
+        raise SystemExit(
+            f"{len(results.failures)} scenario(s) failed, first: {results.failures[0]}"
+        )
 
 
 if __name__ == "__main__":

@@ -77,6 +77,8 @@ class Results:
         self.figures: dict[tuple[str, str], Figure] = {}
         self.notes: list[str] = []
         self.targets: list[Target] = []
+        # Scenarios whose run raised, with the error; `make bench` then exits with 1.
+        self.failures: list[str] = []
 
     def add(self, scenario: str, name: str, unit: str, value: float) -> None:
         key = (scenario, name)

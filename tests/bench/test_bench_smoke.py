@@ -5,6 +5,7 @@ No assertion here is about time; the bench reports times, it does not judge them
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -74,3 +75,34 @@ def test_unknown_scenario_is_refused_by_name(tmp_path: Path) -> None:
     )
     assert run.returncode != 0
     assert "unknown scenario '9'" in run.stderr
+
+
+def test_failed_scenario_exits_with_one(tmp_path: Path) -> None:
+    # Without a Chromium binary, the executor of scenario 6 exits at start.
+    env = {**os.environ, "STEPWISE_CHROMIUM": str(tmp_path / "no-chromium")}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--short",
+            "--only",
+            "6",
+            "--runs",
+            "1",
+            "--no-redis",
+            "--output",
+            str(tmp_path / "RESULTS.md"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "1 scenario(s) failed, first: 6 controls: run 1 failed" in run.stderr
+    # The table is still printed and written, with the failure as a note.
+    assert "6 controls: not measured: run 1 failed" in run.stdout
+    assert "not measured: run 1 failed" in (tmp_path / "RESULTS.md").read_text()
