@@ -41,6 +41,8 @@ _JETSTREAM_TOPOLOGY = [
 _READ_EVENTS = [
     "$JS.API.DIRECT.GET.STEPWISE_EVENTS",
     "$JS.API.DIRECT.GET.STEPWISE_EVENTS.>",
+    # A get answered by the stream leader, for a read that a lagging replica must not answer.
+    "$JS.API.STREAM.MSG.GET.STEPWISE_EVENTS",
 ]
 _TAIL_EVENTS = [
     "$JS.API.CONSUMER.CREATE.STEPWISE_EVENTS",

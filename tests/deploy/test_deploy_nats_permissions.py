@@ -8,6 +8,7 @@ belongs to another service. Above all, the planner cannot publish an executor co
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from natsconf import (
 )
 from stepwise_libs import subjects
 from stepwise_libs.events import SessionCreated
-from stepwise_libs.jetstream import EventStore, ensure_topology
+from stepwise_libs.jetstream import EventStore, connect, ensure_topology
 
 from stepwise import nats_users
 from stepwise.embedded import EmbeddedNats
@@ -124,6 +125,25 @@ async def test_each_service_can_create_the_topology(
     await ensure_topology(client.jetstream())
     info = await client.jetstream().stream_info(subjects.EVENTS_STREAM)
     assert info.config.name == subjects.EVENTS_STREAM
+    assert violations.messages == []
+
+
+@pytest.mark.parametrize("service", SERVICES)
+async def test_each_service_reads_last_event_from_leader(
+    clients: dict[str, tuple[NATS, Violations]], service: str
+) -> None:
+    gateway, _ = clients["gateway"]
+    client, violations = clients[service]
+    await ensure_topology(gateway.jetstream())
+    session_id = f"perm-{secrets.token_hex(8)}"
+    appended = await EventStore(gateway.jetstream()).append(
+        session_id, SessionCreated(test_case="t", target_url="u", llm_model="offline")
+    )
+
+    # The gateway checks a `since` past the end this way, and appenders a retried batch.
+    position, seq = await EventStore(client.jetstream()).last(session_id, direct=False)
+
+    assert (position, seq) == (appended.position, 1)
     assert violations.messages == []
 
 
@@ -294,3 +314,26 @@ def test_server_log_expected_violations_only(secured_nats: EmbeddedNats) -> None
     violations = [line for line in log.splitlines() if "Violation" in line]
     unexpected = [line for line in violations if not any(text in line for text in expected)]
     assert unexpected == [], "a service lacks a permission it uses:\n" + "\n".join(unexpected)
+
+
+async def test_denied_request_logged_as_permissions(
+    secured_nats: EmbeddedNats, passwords: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    host_port = secured_nats.url.removeprefix("nats://")
+    client = await connect(f"nats://planner:{passwords['planner']}@{host_port}", "planner")
+    try:
+        with caplog.at_level(logging.WARNING, logger="stepwise_libs.jetstream"):
+            await client.publish("stepwise.cmd.executor.x", b"{}")
+            await client.flush()
+            deadline = asyncio.get_running_loop().time() + DENIED_WAIT
+            while not any("denied" in record.getMessage() for record in caplog.records):
+                assert asyncio.get_running_loop().time() < deadline, caplog.text
+                await asyncio.sleep(0.05)
+    finally:
+        await client.close()
+
+    denied = [record for record in caplog.records if "denied" in record.getMessage()]
+    assert denied[0].levelno == logging.ERROR
+    assert "stepwise.cmd.executor.x" in denied[0].getMessage()
+    assert "permissions" in denied[0].getMessage()
+    assert not any("connection error" in record.getMessage() for record in caplog.records)

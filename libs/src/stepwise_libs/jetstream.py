@@ -114,6 +114,15 @@ async def connect(url: str, name: str) -> NATS:
     outage = {"errors": 0, "logged_at": 0.0}
 
     async def on_error(error: Exception) -> None:
+        if "permissions violation" in str(error).lower():
+            # Not an outage: this service's NATS user may not use a subject it needs.
+            logger.error(
+                "nats denied a request: %s; add the subject to this service's user in the "
+                "NATS permissions",
+                error,
+                extra={"client": name},
+            )
+            return
         outage["errors"] += 1
         now = time.monotonic()
         if outage["errors"] == 1 or now - outage["logged_at"] >= 30.0:
