@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -152,12 +153,23 @@ def _validate_url(url: str | None) -> str:
 def _read_test_case(text: str | None, file: Path | None) -> str:
     if text is not None and file is not None:
         raise _fail_usage("pass the test case either as an argument or with --file, not both")
+    if file is not None and str(file) == "-":
+        try:
+            text = sys.stdin.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise _fail_usage(
+                f"failed to read the test case from standard input: {error}"
+            ) from error
+        if not text.strip():
+            raise _fail_usage("the test case on standard input is empty")
+        return text
     if file is not None:
         if file.is_dir():
             raise _fail_usage(
                 f"the test case file {file} is a directory; pass the path of a text file"
             )
-        if not file.is_file():
+        # A pipe or /dev/stdin is not a regular file, but it can be read.
+        if not file.exists():
             raise _fail_usage(f"test case file not found: {file}")
         try:
             text = file.read_text(encoding="utf-8")
@@ -253,7 +265,12 @@ def run(
     ] = None,
     file: Annotated[
         Path | None,
-        typer.Option("--file", "-f", help="Read the test case from this file.", show_default=False),
+        typer.Option(
+            "--file",
+            "-f",
+            help="Read the test case from this file, or from standard input with -.",
+            show_default=False,
+        ),
     ] = None,
     gateway: Annotated[
         str | None,
@@ -324,9 +341,14 @@ def run(
 
     gateway_url = gateway or running_gateway(default_home())
     if gateway_url is not None:
-        outcome = _run_against(
-            gateway_url, text, target_url, model, timeout, token, allow_partial, secrets
-        )
+        with _interrupt_on_signals():
+            try:
+                outcome = _run_against(
+                    gateway_url, text, target_url, model, timeout, token, allow_partial, secrets
+                )
+            except _StopRequested as stopped:
+                error_console.print(f"[yellow]{stopped} received, stopping[/yellow]")
+                raise typer.Exit(130) from None
         raise typer.Exit(outcome.exit_code)
 
     # No stack runs: start one on a free port for this run and stop it afterwards.
@@ -353,7 +375,12 @@ def run(
 @app.command("sample-site")
 def sample_site(
     port: Annotated[
-        int, typer.Option(help="Port on 127.0.0.1 to serve the sample shop on; 0 picks a free one.")
+        int,
+        typer.Option(
+            help="Port on 127.0.0.1 to serve the sample shop on; 0 picks a free one.",
+            min=0,
+            max=65535,
+        ),
     ] = 8765,
 ) -> None:
     """Serve the bundled sample shop on loopback until Ctrl-C, to run your own test cases on it."""

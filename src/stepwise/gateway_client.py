@@ -132,6 +132,11 @@ class GatewayClient:
     def start(self, session_id: str) -> dict[str, Any]:
         return self._request("POST", f"/api/sessions/{session_id}/start", "starting the execution")
 
+    def cancel(self, session_id: str) -> dict[str, Any]:
+        return self._request(
+            "POST", f"/api/sessions/{session_id}/task/cancel", "cancelling the session"
+        )
+
     def session(self, session_id: str) -> dict[str, Any]:
         return self._request("GET", f"/api/sessions/{session_id}", "reading the session")
 

@@ -42,6 +42,8 @@ class RunOutcome:
     exit_code: int
     session_id: str | None
     summary: str
+    # True when the run had not ended when the client's --timeout passed.
+    timed_out: bool = False
 
 
 def _short(value: Any, limit: int = 90) -> str:
@@ -116,7 +118,14 @@ class SessionRun:
 
         with self.progress:
             self.task = self.progress.add_task("generating the plan", total=None)
-            outcome = self._follow()
+            try:
+                outcome = self._follow()
+            except BaseException:
+                # Ctrl-C or SIGTERM: the run must not go on without anyone watching it.
+                self._cancel("the run was interrupted")
+                raise
+        if outcome.timed_out:
+            self._cancel(outcome.summary)
         self.console.print(
             f"[bold {'green' if outcome.exit_code == EXIT_PASSED else 'red'}]"
             f"{escape(outcome.summary)}[/]"
@@ -129,8 +138,11 @@ class SessionRun:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return self._end(
-                    EXIT_FAILED, f"timed out after {self.timeout:.0f} s waiting for the run to end"
+                return RunOutcome(
+                    EXIT_FAILED,
+                    self.session_id,
+                    f"timed out after {self.timeout:.0f} s waiting for the run to end",
+                    timed_out=True,
                 )
             try:
                 for event in self.client.events(self.session_id, self.last_seq, remaining):
@@ -160,6 +172,23 @@ class SessionRun:
 
     def _end(self, code: int, summary: str) -> RunOutcome:
         return RunOutcome(code, self.session_id, summary)
+
+    def _cancel(self, reason: str) -> None:
+        """Cancel the session on the gateway, saying why, unless its run has ended."""
+        try:
+            self.client.cancel(self.session_id)
+        except GatewayError as error:
+            if error.status == 409:
+                return  # the run ended meanwhile, and its result is kept
+            self.error_console.print(
+                f"[red]error:[/red] {escape(reason)}, and cancelling session "
+                f"{self.session_id} failed: {escape(str(error))}; cancel it with "
+                f"POST /api/sessions/{self.session_id}/task/cancel"
+            )
+            return
+        self.error_console.print(
+            f"[yellow]{escape(reason)}: cancelled session {self.session_id}[/yellow]"
+        )
 
     # --- events ----------------------------------------------------------------------
 

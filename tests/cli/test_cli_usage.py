@@ -96,6 +96,29 @@ def test_cli_rejects_unknown_or_invalid_options(runner: CliRunner, args: list[st
     assert result.exit_code == 2, result.output
 
 
+def test_run_reads_test_case_from_stdin(runner: CliRunner) -> None:
+    gateway = f"http://127.0.0.1:{free_port()}"
+    args = ["run", "--url", "http://127.0.0.1/", "--gateway", gateway, "--file", "-"]
+
+    read = runner.invoke(app, args, input="1. Open the page\n")
+    empty = runner.invoke(app, args, input="  \n")
+
+    # The test case was read, so the run went on to look for the gateway.
+    assert read.exit_code == 1, read.output
+    assert f"no ready gateway at {gateway}" in read.output
+    assert empty.exit_code == 2, empty.output
+    assert "the test case on standard input is empty" in empty.output
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_sample_site_rejects_invalid_port(runner: CliRunner, port: str) -> None:
+    result = runner.invoke(app, ["sample-site", "--port", port])
+
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert "--port" in result.output
+
+
 def test_run_fails_when_gateway_is_unreachable(runner: CliRunner) -> None:
     gateway = f"http://127.0.0.1:{free_port()}"
 

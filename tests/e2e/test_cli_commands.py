@@ -80,6 +80,70 @@ def test_run_exits_one_when_case_fails(stack: Stack, e2e_site: SampleSite) -> No
     assert "Test failed" in result.stdout
 
 
+def _session_id(output: str) -> str:
+    for line in output.splitlines():
+        if line.startswith("Session "):
+            return line.split()[1]
+    raise AssertionError(f"no session id in:\n{output}")
+
+
+def _wait_for_status(stack: Stack, session_id: str, status: str, within: float = 60) -> None:
+    deadline = time.monotonic() + within
+    seen = None
+    while time.monotonic() < deadline:
+        seen = httpx.get(f"{stack.gateway_url}/api/sessions/{session_id}", timeout=10).json()
+        if seen.get("status") == status:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"session {session_id} not {status} after {within} s: {seen}")
+
+
+@pytest.mark.timeout(300)
+def test_run_timeout_cancels_session(stack: Stack, e2e_site: SampleSite, tmp_path: Path) -> None:
+    result = _run_cli(
+        ["run", "--gateway", stack.gateway_url, "--url", e2e_site.base_url,
+         "--timeout", "3", "--file", str(SAMPLES_DIR / "checkout.txt")],
+        tmp_path,
+        timeout=240,
+    )  # fmt: skip
+
+    session_id = _session_id(result.stdout)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "timed out after 3 s" in result.stdout
+    assert f"cancelled session {session_id}" in result.stderr
+    _wait_for_status(stack, session_id, "cancelled")
+
+
+@pytest.mark.timeout(300)
+def test_run_interrupt_cancels_session(stack: Stack, e2e_site: SampleSite, tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [*STEPWISE, "run", "--gateway", stack.gateway_url, "--url", e2e_site.base_url,
+         "--file", str(SAMPLES_DIR / "checkout.txt")],
+        env=_cli_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "Step 1 passed" in line:
+                break
+        process.send_signal(signal.SIGINT)
+        rest, errors = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+    session_id = _session_id("".join(lines))
+    assert process.returncode == 130, "".join(lines) + rest + errors
+    assert f"the run was interrupted: cancelled session {session_id}" in errors
+    _wait_for_status(stack, session_id, "cancelled")
+
+
 @pytest.mark.timeout(300)
 def test_run_fails_plan_with_parts_left_out(
     stack: Stack, e2e_site: SampleSite, tmp_path: Path
