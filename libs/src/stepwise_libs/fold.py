@@ -153,6 +153,20 @@ class SessionState:
         return self.tasks.get(self.current_task_id) if self.current_task_id else None
 
 
+RUN_TASK_TYPES = ("execution", "run_till_end")
+
+
+def open_run(state: SessionState) -> TaskState | None:
+    """Return the latest execution or run-till-end task that has not ended, if any.
+
+    A paused run's task is still open; an act that ran meanwhile is a task of its own.
+    """
+    for task in reversed(state.tasks.values()):
+        if task.task_type in RUN_TASK_TYPES and task.status == "running":
+            return task
+    return None
+
+
 def fold(session_id: str, events: list[Event]) -> SessionState:
     state = SessionState(session_id=session_id)
     for event in events:
@@ -344,22 +358,35 @@ def _execution_resumed(state: SessionState, data: ev.ExecutionResumed, event: Ev
     state.status = RUNNING
     state.blocked_step = None
     task = state.tasks.get(data.task_id)
-    if task is not None:
+    if task is None:
+        # Older gateways gave a follow-up sent after an act a task id of its own.
+        run = open_run(state)
+        _start_task(state, data.task_id, run.task_type if run else "execution", event)
+    else:
         task.status = "running"
         task.updated_at = event.at
     state.current_task_id = data.task_id
 
 
+def _end_run(
+    state: SessionState, task_id: str, status: str, event: Event, error: str | None = None
+) -> None:
+    """End the task of a run that ended, and any other run task left open before it."""
+    _end_task(state, task_id, status, event, error)
+    while (run := open_run(state)) is not None:
+        _end_task(state, run.task_id, status, event, error)
+
+
 def _execution_completed(state: SessionState, data: ev.ExecutionCompleted, event: Event) -> None:
     state.status = COMPLETED if data.success else FAILED
-    _end_task(state, data.task_id, "completed" if data.success else "failed", event)
+    _end_run(state, data.task_id, "completed" if data.success else "failed", event)
 
 
 def _execution_failed(state: SessionState, data: ev.ExecutionFailed, event: Event) -> None:
     failed = state.step(data.failed_step) if data.failed_step else None
     timed_out = failed is not None and failed.error_category == "timeout"
     state.status = TIMED_OUT if timed_out else FAILED
-    _end_task(state, data.task_id, "failed", event, data.error)
+    _end_run(state, data.task_id, "failed", event, data.error)
 
 
 def _execution_cancelled(state: SessionState, data: ev.ExecutionCancelled, event: Event) -> None:
@@ -421,7 +448,7 @@ def _run_till_end_completed(
 ) -> None:
     state.status = COMPLETED if data.success else FAILED
     state.blocked_step = None
-    _end_task(state, data.task_id, "completed" if data.success else "failed", event)
+    _end_run(state, data.task_id, "completed" if data.success else "failed", event)
 
 
 def _browser_closed(state: SessionState, data: ev.BrowserClosed, event: Event) -> None:

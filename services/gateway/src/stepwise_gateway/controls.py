@@ -22,7 +22,7 @@ from stepwise_libs import commands as cmd
 from stepwise_libs import fold as states
 from stepwise_libs import subjects
 from stepwise_libs.events import CommandRejected, Event
-from stepwise_libs.fold import SessionState, fold
+from stepwise_libs.fold import SessionState, fold, open_run
 from stepwise_libs.jetstream import EventStore, publish_command
 
 from .errors import CommandConflict, SessionNotFound
@@ -295,14 +295,15 @@ def command_id_for(session_id: str, command_type: str, idempotency_key: str | No
 
 
 def _task_id(control: Control, state: SessionState, command_id: str) -> str:
-    """Return the task the command belongs to: the current run for follow-ups, else a new one."""
+    """Return the task the command belongs to: the open run for follow-ups, else a new one."""
     task = state.current_task
-    if (
-        control.name in ("continue", "retry_step", "skip_step", "pause", "cancel", "stop")
-        and task is not None
-    ):
-        if control.name in ("cancel", "stop") or task.task_type in ("execution", "run_till_end"):
-            return task.task_id
+    if control.name in ("cancel", "stop") and task is not None:
+        return task.task_id
+    if control.name in ("continue", "retry_step", "skip_step", "pause"):
+        # The run a follow-up continues, even when an act ran since it paused.
+        run = open_run(state)
+        if run is not None:
+            return run.task_id
     return command_id
 
 

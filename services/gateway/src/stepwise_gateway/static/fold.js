@@ -130,6 +130,19 @@ function endTask(state, taskId, status, event, error = null) {
   task.updatedAt = event.at;
 }
 
+// The latest execution or run-till-end task that has not ended: a paused run's task is
+// still open, and an act that ran meanwhile is a task of its own.
+function openRun(state) {
+  const tasks = [...state.tasks.values()].reverse();
+  return tasks.find((task) => ["execution", "run_till_end"].includes(task.taskType) && task.status === "running") || null;
+}
+
+// End the task of a run that ended, and any other run task left open before it.
+function endRun(state, taskId, status, event, error = null) {
+  endTask(state, taskId, status, event, error);
+  for (let run = openRun(state); run !== null; run = openRun(state)) endTask(state, run.taskId, status, event, error);
+}
+
 function stepAt(state, number) {
   return number >= 1 && number <= state.steps.length ? state.steps[number - 1] : null;
 }
@@ -278,17 +291,21 @@ const HANDLERS = {
     if (task) {
       task.status = "running";
       task.updatedAt = event.at;
+    } else {
+      // Older gateways gave a follow-up sent after an act a task id of its own.
+      const run = openRun(state);
+      startTask(state, data.task_id, run ? run.taskType : "execution", event);
     }
     state.currentTaskId = data.task_id;
   },
   execution_completed(state, data, event) {
     state.status = data.success ? "completed" : "failed";
-    endTask(state, data.task_id, data.success ? "completed" : "failed", event);
+    endRun(state, data.task_id, data.success ? "completed" : "failed", event);
   },
   execution_failed(state, data, event) {
     const failed = data.failed_step ? stepAt(state, data.failed_step) : null;
     state.status = failed && failed.errorCategory === "timeout" ? "timed_out" : "failed";
-    endTask(state, data.task_id, "failed", event, data.error);
+    endRun(state, data.task_id, "failed", event, data.error);
   },
   execution_cancelled(state, data, event) {
     state.status = "cancelled";
@@ -350,7 +367,7 @@ const HANDLERS = {
   run_till_end_completed(state, data, event) {
     state.status = data.success ? "completed" : "failed";
     state.blockedStep = null;
-    endTask(state, data.task_id, data.success ? "completed" : "failed", event);
+    endRun(state, data.task_id, data.success ? "completed" : "failed", event);
   },
   browser_closed(state, data) {
     state.browserOpen = false;
