@@ -12,7 +12,7 @@ import websockets
 from stepwise_libs import events as ev
 from stepwise_libs.jetstream import EventStore
 
-from .conftest import GatewayServer, build_session, gateway_settings
+from .conftest import GatewayServer, build_session, commands_for, gateway_settings
 
 RECEIVE_TIMEOUT = 10.0
 GOOD_URL = "http://127.0.0.1:9/"
@@ -122,6 +122,22 @@ async def test_websocket_message_without_command(gateway: GatewayServer, store: 
     assert "None" not in reply["message"]
 
 
+async def test_websocket_rejects_unknown_field(gateway: GatewayServer, store: EventStore) -> None:
+    built = await build_session(store, "paused")
+    url = f"{gateway.ws_url}/api/sessions/{built.session_id}/ws?since={len(built.events)}"
+
+    async with websockets.connect(url) as socket:
+        await socket.send('{"command": "act", "task": "Click Login", "bogus": 1, "request_id": 3}')
+        reply = await receive_json(socket)
+
+    assert reply["type"] == "error"
+    assert reply["code"] == "invalid_input"
+    assert reply["field"] == "bogus"
+    assert reply["request_id"] == 3
+    assert "bogus is not a known field of act" in reply["message"]
+    assert await commands_for(store._js, built.session_id) == []
+
+
 @pytest.mark.parametrize("content", [b"not json", b'{"task": '])
 async def test_body_not_json_names_body(
     client: httpx.AsyncClient, store: EventStore, content: bytes
@@ -144,6 +160,38 @@ async def test_body_array_must_be_object(client: httpx.AsyncClient) -> None:
     assert response.status_code == 422, response.text
     assert response.json()["error"]["field"] == "body"
     assert "must be a JSON object" in response.json()["error"]["message"]
+
+
+async def test_deeply_nested_body_is_422(client: httpx.AsyncClient) -> None:
+    body = b"[" * 100_000 + b"]" * 100_000
+
+    response = await client.post("/api/sessions", content=body, headers=JSON_HEADERS)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_json"
+    assert "nested too deeply" in response.json()["error"]["message"]
+
+
+async def test_plain_text_body_names_content_type(client: httpx.AsyncClient) -> None:
+    body = b'{"test_case": "1. Open the page", "target_url": "http://127.0.0.1/"}'
+
+    response = await client.post(
+        "/api/sessions", content=body, headers={"Content-Type": "text/plain"}
+    )
+
+    assert response.status_code == 422, response.text
+    assert "Content-Type: application/json" in response.json()["error"]["message"]
+
+
+async def test_javascript_url_names_its_scheme(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/api/sessions", json={"test_case": "1. Open the page", "target_url": "javascript:alert(1)"}
+    )
+
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert "has the scheme 'javascript'" in message
+    assert "javascript://" not in message
 
 
 # --- secret placeholders ----------------------------------------------------------------

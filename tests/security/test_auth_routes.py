@@ -76,7 +76,7 @@ async def test_route_with_wrong_token_is_401(
         assert "invalid_token" in response.headers["www-authenticate"] or headers[
             "Authorization"
         ].startswith("Basic")
-        assert response.json()["error"]["code"] in ("invalid_token", "missing_token")
+        assert response.json()["error"]["code"] in ("invalid_token", "unsupported_auth_scheme")
         assert WRONG_TOKEN not in response.text
 
 
@@ -241,3 +241,14 @@ async def test_websocket_handshake_without_token_is_not_a_server_error(
     except InvalidStatus as error:  # pragma: no cover - a failure is reported below
         pytest.fail(f"handshake refused with HTTP {error.response.status_code}")
     assert code == 4401
+
+
+async def test_basic_scheme_is_named_in_401(anonymous: httpx.AsyncClient) -> None:
+    response = await anonymous.get("/api/sessions", headers={"Authorization": f"Basic {CI_TOKEN}"})
+
+    assert response.status_code == 401, response.text
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_auth_scheme"
+    assert "'Basic'" in error["message"]
+    assert "Bearer" in error["message"]
+    assert CI_TOKEN not in response.text

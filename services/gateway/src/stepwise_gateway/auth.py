@@ -204,13 +204,17 @@ def _query_without_token(query: bytes) -> tuple[str | None, bytes]:
 class Credential:
     token: str | None
     source: str  # header, subprotocol, query, cookie or none
+    # The Authorization header's scheme when it is not Bearer, such as "Basic".
+    other_scheme: str | None = None
 
 
 def _credential(scope: Scope, headers: dict[str, str]) -> Credential:
     authorization = headers.get("authorization")
     if authorization is not None:
         scheme, _, value = authorization.partition(" ")
-        return Credential(value.strip() if scheme.lower() == "bearer" else None, "header")
+        if scheme.lower() != "bearer":
+            return Credential(None, "header", other_scheme=scheme[:20] or "(empty)")
+        return Credential(value.strip(), "header")
     if scope["type"] == "websocket":
         offered = list(scope.get("subprotocols") or [])
         if WS_SUBPROTOCOL in offered:
@@ -234,7 +238,13 @@ def _same_origin(headers: dict[str, str]) -> bool:
 
 
 def _unauthorized_body(credential: Credential) -> dict[str, Any]:
-    if credential.token is None:
+    if credential.other_scheme is not None:
+        message = (
+            f"the Authorization header uses the scheme {credential.other_scheme!r}; "
+            "send `Authorization: Bearer <token>` with one of the tokens in STEPWISE_API_TOKENS"
+        )
+        code = "unsupported_auth_scheme"
+    elif credential.token is None:
         message = (
             "this gateway needs an API token: send `Authorization: Bearer <token>` with one "
             "of the tokens in STEPWISE_API_TOKENS (a browser opens the web UI once with "

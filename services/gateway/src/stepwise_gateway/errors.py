@@ -135,7 +135,10 @@ def _validation_message(error: dict[str, Any], field: str | None) -> str:
         reason = str(error.get("ctx", {}).get("error", message))
         return f"request body is not valid JSON ({reason}); send a JSON object"
     if field == "body" and error.get("type") in ("model_attributes_type", "dict_type"):
-        return "request body must be a JSON object with the fields this endpoint takes"
+        return (
+            "request body must be a JSON object with the fields this endpoint takes, "
+            "sent with Content-Type: application/json"
+        )
     if error.get("type") == "missing":
         return f"{field} is required" if field else "a required value is missing"
     if error.get("type") == "extra_forbidden":
@@ -174,6 +177,16 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
     message = str(error.detail)
     if error.status_code == 404 and message == "Not Found":
         message = f"no route for {request.method} {request.url.path}"
+    if error.status_code == 400 and message == "There was an error parsing the body":
+        # FastAPI's message when json.loads fails, also on a body nested too deep to decode.
+        return JSONResponse(
+            error_body(
+                "invalid_json",
+                "the request body could not be decoded as JSON (invalid, or nested too "
+                "deeply); send a JSON object",
+            ),
+            status_code=422,
+        )
     return JSONResponse(
         error_body(codes.get(error.status_code, "http_error"), message),
         status_code=error.status_code,

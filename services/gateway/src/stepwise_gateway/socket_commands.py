@@ -72,7 +72,24 @@ def _string_field(message: dict[str, Any], name: str) -> str | None:
     return value
 
 
+# Fields every command message may carry, and those of each control's REST body.
+_COMMON_FIELDS = {"command", "request_id", "idempotency_key"}
+_BODY_FIELDS = {
+    "act": {"task", "previous_context"},
+    "continue_plan": {"task_prompt"},
+}
+
+
 def _params(control_name: str, message: dict[str, Any]) -> dict[str, Any]:
+    allowed = _COMMON_FIELDS | _BODY_FIELDS.get(control_name, set())
+    unknown = sorted(str(name) for name in message if name not in allowed)
+    if unknown:
+        # The REST body rejects unknown fields too, so a misspelt field is not ignored.
+        raise InvalidInput(
+            f"{unknown[0]} is not a known field of {control_name}; remove it "
+            f"(known: {', '.join(sorted(allowed))})",
+            field=unknown[0],
+        )
     if control_name == "act":
         task = check_text(_string_field(message, "task") or "", "task", MAX_INSTRUCTION_CHARS)
         check_placeholder_names(task, "task")

@@ -124,7 +124,7 @@ def check_target_url(value: str, field: str = "target_url") -> str:
     except ValueError as error:
         raise InvalidInput(f"{field} {url!r} is not a valid URL: {error}", field=field) from None
     if parts.scheme.lower() not in ("http", "https"):
-        scheme = f"{parts.scheme}://" if parts.scheme else "no scheme"
+        scheme = f"the scheme {parts.scheme!r}" if parts.scheme else "no scheme"
         raise InvalidInput(
             f"{field} {url!r} has {scheme}; only absolute http:// and https:// URLs are supported",
             field=field,
