@@ -8,6 +8,7 @@ folder, so the UI works offline and needs no build step.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,9 +16,11 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse
 
 from stepwise_gateway.dependencies import get_runtime
-from stepwise_gateway.errors import NotFound
+from stepwise_gateway.errors import GatewayError, NotFound
 from stepwise_gateway.runtime import Runtime
-from stepwise_gateway.validation import OFFLINE_MODEL
+from stepwise_gateway.validation import OFFLINE_MODEL, check_session_id
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(include_in_schema=False)
 
@@ -60,9 +63,28 @@ async def home() -> FileResponse:
 
 
 @router.get("/sessions/{session_id}")
-async def session_page(session_id: str) -> FileResponse:
-    # The page itself reports an unknown session, after asking the API.
-    return _shell()
+async def session_page(
+    session_id: str, runtime: Annotated[Runtime, Depends(get_runtime)]
+) -> FileResponse:
+    """Serve the session page, with status 404 when no session has this id.
+
+    The page reports an unknown session itself as well, after asking the API. When
+    NATS is unavailable, the page is served with 200 and reports the connection problem.
+    """
+    page = _shell()
+    try:
+        check_session_id(session_id)
+        _, store = runtime.jetstream()
+        _, last_seq = await store.last(session_id)
+    except GatewayError:
+        page.status_code = 404
+        return page
+    except Exception as error:  # NATS unavailable: the page retries on its own
+        logger.info("session page served without checking the session: %s", error)
+        return page
+    if last_seq == 0:
+        page.status_code = 404
+    return page
 
 
 @router.get("/ui/config.json")

@@ -156,6 +156,8 @@ export function sessionPage(root, sessionId, { viewer }) {
       schedule();
     },
     onConnection(state, message) {
+      // Render at least once, so that a session with no events gets its controls disabled.
+      schedule();
       connection.className = `banner banner-${state}`;
       clear(connection, message);
       if (state === "reconnecting" || state === "closed" || state === "error") {
@@ -225,7 +227,9 @@ export function sessionPage(root, sessionId, { viewer }) {
 
   function renderControls(replaying) {
     const allowed = allowedControls(live);
-    const off = (key) => replaying || pending !== null || (queued !== null && queued.key === key) || !allowed[key];
+    // Before the first event (or for an id the gateway does not know) no control applies.
+    const unknown = live.lastSeq === 0;
+    const off = (key) => unknown || replaying || pending !== null || (queued !== null && queued.key === key) || !allowed[key];
     for (const [key, button] of controlButtons) button.disabled = off(key);
     actButton.disabled = actInput.disabled = off("act");
     planButton.disabled = planInput.disabled = off("continue_plan");
