@@ -1,7 +1,9 @@
 """Many streaming clients of one session share one JetStream consumer in the gateway."""
 
 import asyncio
+import gc
 import json
+import logging
 import time
 import uuid
 from typing import Any
@@ -222,7 +224,7 @@ def test_ws_compression_setting_rejects_other_values(monkeypatch: pytest.MonkeyP
 
 
 def counted(counter: Any) -> float:
-    """Current value of a prometheus counter of the gateway serving in this process."""
+    """Return the value of a prometheus counter of the gateway serving in this process."""
     return counter._value.get()
 
 
@@ -282,3 +284,26 @@ async def test_client_behind_gets_queued_events_in_order(
 
     assert [event["seq"] for event in received] == list(range(2, len(received) + 2))
     assert len(received) > 600
+
+
+async def test_sse_disconnect_leaves_no_task(
+    gateway: GatewayServer,
+    store: EventStore,
+    js: JetStreamContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    session_id = str(uuid.uuid4())
+    await append_progress(store, session_id, 3, "old")
+    caplog.set_level(logging.ERROR, logger="asyncio")
+
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+        for _ in range(5):
+            # Each client reads one event, then goes away while the gateway waits for more.
+            async with http.stream("GET", f"/api/sessions/{session_id}/stream?since=2") as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        break
+    await wait_for_consumers(js, session_id, 0)
+    gc.collect()
+
+    assert "Task was destroyed but it is pending" not in caplog.text

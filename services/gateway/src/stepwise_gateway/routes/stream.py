@@ -19,7 +19,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from fastapi import APIRouter, Depends, Header, Query, Response, WebSocket, WebSocketDisconnect
@@ -154,9 +154,10 @@ async def stream_events(
         outbox = subscriber.outbox
         sent = EVENTS_SENT.labels("sse")
         stop = asyncio.ensure_future(_stopped(subscriber))
+        getter: asyncio.Task[Any] | None = None
         try:
             while True:
-                getter = asyncio.ensure_future(outbox.get())
+                getter = asyncio.create_task(outbox.get())
                 done, _ = await asyncio.wait(
                     {getter, stop}, timeout=SSE_KEEPALIVE, return_when=asyncio.FIRST_COMPLETED
                 )
@@ -179,7 +180,8 @@ async def stream_events(
                 else:
                     yield b": keep-alive\n\n"
         finally:
-            await cancel_all(stop)
+            # A client that goes away cancels this generator while it waits for the getter.
+            await cancel_all(stop, *([getter] if getter is not None else []))
             await runtime.feeds.leave(feed, subscriber, replay)
 
     return StreamingResponse(
