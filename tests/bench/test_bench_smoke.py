@@ -15,28 +15,25 @@ ROOT = Path(__file__).resolve().parents[2]
 NUMBER = r"-?[\d,]+(?:\.\d+)?"
 
 
-def test_short_run_prints_the_table_and_writes_the_results(tmp_path: Path) -> None:
-    output = tmp_path / "RESULTS.md"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--short",
-            "--only",
-            "2",
-            "--runs",
-            "1",
-            "--no-redis",
-            "--output",
-            str(output),
-        ],
+def short_run(
+    scenario: str, output: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run one scenario of the bench once, in short mode and without Redis."""
+    return subprocess.run(
+        [sys.executable, "-m", "bench", "--short", "--only", scenario, "--runs", "1",
+         "--no-redis", "--output", str(output)],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=240,
         check=False,
-    )
+    )  # fmt: skip
+
+
+def test_short_run_prints_the_table_and_writes_the_results(tmp_path: Path) -> None:
+    output = tmp_path / "RESULTS.md"
+    run = short_run("2", output)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     for figure in (
         "stepwise append, 1 session",
@@ -80,27 +77,7 @@ def test_unknown_scenario_is_refused_by_name(tmp_path: Path) -> None:
 def test_failed_scenario_exits_with_one(tmp_path: Path) -> None:
     # Without a Chromium binary, the executor of scenario 6 exits at start.
     env = {**os.environ, "STEPWISE_CHROMIUM": str(tmp_path / "no-chromium")}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--short",
-            "--only",
-            "6",
-            "--runs",
-            "1",
-            "--no-redis",
-            "--output",
-            str(tmp_path / "RESULTS.md"),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    run = short_run("6", tmp_path / "RESULTS.md", env)
     assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
     assert "1 scenario(s) failed, first: 6 controls: run 1 failed" in run.stderr
     # The table is still printed and written, with the failure as a note.
