@@ -169,6 +169,7 @@ async def test_deeply_nested_body_is_422(client: httpx.AsyncClient) -> None:
 
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] == "invalid_json"
+    assert response.json()["error"]["field"] == "body"
     assert "nested too deeply" in response.json()["error"]["message"]
 
 

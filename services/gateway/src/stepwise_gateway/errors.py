@@ -184,6 +184,7 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
                 "invalid_json",
                 "the request body could not be decoded as JSON (invalid, or nested too "
                 "deeply); send a JSON object",
+                "body",
             ),
             status_code=422,
         )
