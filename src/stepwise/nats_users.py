@@ -41,7 +41,7 @@ _JETSTREAM_TOPOLOGY = [
 _READ_EVENTS = [
     "$JS.API.DIRECT.GET.STEPWISE_EVENTS",
     "$JS.API.DIRECT.GET.STEPWISE_EVENTS.>",
-    # A get answered by the stream leader, for a read that a lagging replica must not answer.
+    # A get served by the stream leader, for a read that a lagging replica must not serve.
     "$JS.API.STREAM.MSG.GET.STEPWISE_EVENTS",
 ]
 _TAIL_EVENTS = [

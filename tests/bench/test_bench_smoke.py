@@ -31,7 +31,7 @@ def short_run(
     )  # fmt: skip
 
 
-def test_short_run_prints_the_table_and_writes_the_results(tmp_path: Path) -> None:
+def test_short_run_writes_results_table(tmp_path: Path) -> None:
     output = tmp_path / "RESULTS.md"
     run = short_run("2", output)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]

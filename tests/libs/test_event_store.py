@@ -240,7 +240,7 @@ async def test_retried_batch_is_stored_once(nats_client: NATS) -> None:
     events = await burst(store, session_id, "batch", 100)
     assert len(await batch_ids(nats_client, events)) == 1
 
-    # As after a lost acknowledgement: the writer still holds the tail from before the
+    # As after a lost acknowledgement: the writer still has the tail from before the
     # batch and sends the same events again.
     store._tails[session_id] = before
     again = [_Pending(event) for event in events]

@@ -37,10 +37,10 @@ def test_ui_fold_ends_run_tasks(blank: Page, follow_up_task: str) -> None:
     events = history(follow_up_task)
     expected = fold(SESSION, events)
 
-    shown = blank.evaluate(FOLD_IN_PAGE, [FOLD_JS, SESSION, msgspec.to_builtins(events)])
+    ui_state = blank.evaluate(FOLD_IN_PAGE, [FOLD_JS, SESSION, msgspec.to_builtins(events)])
 
-    assert shown["status"] == expected.status
-    assert shown["tasks"] == {task.task_id: task.status for task in expected.tasks.values()}
+    assert ui_state["status"] == expected.status
+    assert ui_state["tasks"] == {task.task_id: task.status for task in expected.tasks.values()}
     # A completed run with its browser closed leaves nothing to cancel or stop.
-    assert shown["allowed"]["cancel"] is False
-    assert shown["allowed"]["stop"] is False
+    assert ui_state["allowed"]["cancel"] is False
+    assert ui_state["allowed"]["stop"] is False

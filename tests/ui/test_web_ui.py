@@ -378,7 +378,7 @@ def test_assets_are_served_by_the_gateway_only(api: httpx.Client) -> None:
     home = api.get("/")
     assert home.status_code == 200
     assert home.headers["content-type"].startswith("text/html")
-    # An unknown session still gets the page, which says so, with status 404.
+    # An unknown session still gets the page, which reports it, with status 404.
     unknown = api.get("/sessions/not-yet-a-session")
     assert unknown.status_code == 404
     assert unknown.headers["content-type"].startswith("text/html")

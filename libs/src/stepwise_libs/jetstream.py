@@ -438,7 +438,7 @@ class EventStore:
             except (NatsTimeoutError, NoRespondersError) as error:
                 # The stream is electing a leader or the server is away. The message may
                 # still be stored: the retry carries the same Nats-Msg-Id, so the server
-                # answers it as a duplicate instead of storing it twice.
+                # reports it as a duplicate instead of storing it twice.
                 unavailable += 1
                 await self._after_unavailable(session_id, unavailable, deadline, error)
                 continue

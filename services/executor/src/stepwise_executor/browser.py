@@ -409,7 +409,7 @@ def _wait_for_exit(processes: Iterable[psutil.Process], timeout: float) -> list[
 
     A killed Chromium's child processes belong to the init process once their parent
     is gone, and stay zombies until it reaps them, which in some containers takes a
-    second or two. A zombie runs no code and holds no memory, so it counts as gone;
+    second or two. A zombie runs no code and uses no memory, so it counts as gone.
     `psutil.wait_procs` alone would wait for the reaping.
     """
     deadline = time.monotonic() + timeout
